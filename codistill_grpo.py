@@ -1,0 +1,850 @@
+"""
+CoDistill-GRPO: a small and a large language model trained together with GRPO, in one readable file.
+
+Paper: "CoDistill-GRPO: A Co-Distillation Recipe for Efficient Group Relative Policy Optimization" (2026).
+Equation numbers in comments, `# Eq. (N)`, are the paper's. One iteration, per rank, B prompts:
+
+    small model samples M completions per prompt (the large model writes the first T tokens in epoch 1)
+    -> rewards r (accuracy + format) -> log-probs of both models, no grad
+    -> KD reward r~ = r + alpha * (1/N) sum_t (log pi_large - log pi_small)       Eq. (6)
+    -> keep the G/2 highest and G/2 lowest r~ of the M                           Sec. 3.3
+    -> small step: A~ = r~ - mean(r~), clipped ratio pi_small / pi_small_old     Eq. (7), (5)
+    -> large step: A = (r - mean r) / std r, clipped ratio pi_large / pi_small_old  Eq. (3), (10)
+
+Run it:
+    python codistill_grpo.py --preset tiny                  # offline, CPU, minutes: the whole method on a toy task
+    python codistill_grpo.py --preset tiny --algo grpo      # baselines in the same loop: grpo | kdrl
+    python codistill_grpo.py --preset qwen0.5b              # one GPU, Qwen2.5-0.5B / 1.5B on GSM8K
+    torchrun --nproc_per_node=8 codistill_grpo.py           # the paper's Qwen setting (Table 3)
+
+Deliberate choices where the paper is silent (each is a flag):
+- clip range eps = 0.2 and sampling temperature tau = 1.0 (the usual GRPO values; the paper gives neither).
+- Hint tokens are scored in the small model's loss as if the small model had sampled them (the paper's choice,
+  end of Sec. 3.1); `--hint_ratio large|ignore` gives the two alternatives of Eq. (8) and Appendix C. The large
+  model's loss is Eq. (10) on every token.
+- One optimizer step per model per batch (so pi_old is the model that sampled), no reference model (beta = 0).
+- `--lr_small` and `--lr_large` are separate (both 5e-6 in the paper).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+class BadInput(Exception):
+    """Bad user input: main() prints the one-line message and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments and presets. The defaults are the paper's Qwen setting (Appendix B, Table 3).
+
+
+def arg(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class Args:
+    preset: str = arg("", "a named set of defaults: paper-llama | qwen0.5b | tiny; flags given with it win",
+                      choices=["", "paper-llama", "qwen0.5b", "tiny"])
+    algo: str = arg("codistill", "codistill (both models), grpo (one model), kdrl (small model, frozen large)",
+                    choices=["codistill", "grpo", "kdrl"])
+    policy: str = arg("small", "with --algo grpo: which model is trained, small or large",
+                      choices=["small", "large"])
+    small_model: str = arg("Qwen/Qwen2.5-Math-1.5B", "small model phi: hub id or local folder")
+    large_model: str = arg("Qwen/Qwen2.5-Math-7B", "large model theta: hub id or local folder")
+    dataset: str = arg("DigitalLearningGmbH/MATH-lighteval",
+                       "training problems: hub id or local JSON/JSONL with 'problem' and 'answer'")
+    eval_dataset: str = arg("HuggingFaceH4/MATH-500", "held-out problems for test accuracy (never trained on)")
+    eval_size: int = arg(500, "number of held-out problems scored (greedy); 0 disables evaluation")
+    eval_every: int = arg(20, "score held-out accuracy every this many iterations (and at 0 and the end)")
+    template: str = arg("r1", "prompt template: r1 (Table 4, accuracy + format reward) or boxed (Table 5, accuracy)",
+                        choices=["r1", "boxed"])
+    output_dir: str = arg("runs/codistill", "where metrics.jsonl and checkpoint-<iteration>/ go")
+    cache_dir: str = arg(os.path.join(os.path.expanduser("~"), ".cache", "codistill_grpo"),
+                         "where the tiny offline world is built and cached")
+    # the paper's symbols
+    batch_size: int = arg(64, "B: prompts per rank per iteration (Table 3: 64 per GPU)")
+    num_samples: int = arg(14, "M: completions sampled per prompt before downsampling (Table 3: 14)")
+    group_size: int = arg(8, "G: completions kept per prompt after downsampling, even, <= M (Table 3: 8)")
+    max_completion_length: int = arg(3072, "N: max completion tokens, also the constant 1/N of Eq. (5), (6), (10)")
+    max_prompt_length: int = arg(1024, "max prompt tokens; longer prompts are cut from the left (Table 3: 1024)")
+    hint_tokens: int = arg(0, "T: hint tokens sampled by the large model in the first epoch (paper: 0 or 50)")
+    hint_ratio: str = arg("small", "importance ratio on hint tokens in the small loss: small (Eq. 5, the paper's "
+                          "choice), large (Eq. 8 option i), ignore (option ii: hint tokens left out)",
+                          choices=["small", "large", "ignore"])
+    alpha: float = arg(1.0, "alpha: weight of the on-policy KD reward in Eq. (6) (paper: 1 or 2)")
+    clip_eps: float = arg(0.2, "eps: clip range of the importance ratio in Eq. (5) and (10)")
+    temperature: float = arg(1.0, "tau: sampling temperature; log-probs are taken at the same temperature")
+    # optimisation
+    lr_small: float = arg(5e-6, "learning rate of the small model (Table 3: 5e-6)")
+    lr_large: float = arg(5e-6, "learning rate of the large model (Table 3: 5e-6)")
+    lr_schedule: str = arg("cosine", "cosine or constant (Table 3: cosine for Qwen)", choices=["cosine", "constant"])
+    warmup_ratio: float = arg(0.05, "fraction of iterations with linear warm-up (Table 3: 5%)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip per model")
+    epochs: int = arg(8, "passes over the training problems (Table 3: 8)")
+    max_steps: int = arg(0, "iterations to run; 0 = as many as --epochs gives")
+    micro_batch_size: int = arg(8, "sequences per forward/backward; gradients accumulate (loss scale unchanged)")
+    gen_batch_size: int = arg(128, "sequences per generate call")
+    logprob_chunk: int = arg(1024, "tokens per chunk of the fp32 log-softmax (bounds its memory)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (never while generating)")
+    dtype: str = arg("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16",
+                     choices=["auto", "float32", "bfloat16"])
+    seed: int = arg(0, "random seed (data order, sampling, initialisation of the tiny world)")
+    save_every: int = arg(100, "save a checkpoint every this many iterations (and at the end); 0 = only at the end")
+    report_to: str = arg("none", "also log to tensorboard or wandb", choices=["none", "tensorboard", "wandb"])
+
+
+PRESETS = {
+    "": {},
+    "paper-llama": dict(  # Appendix B, Table 3 and Table 5
+        small_model="meta-llama/Llama-3.2-1B-Instruct", large_model="meta-llama/Llama-3.1-8B-Instruct",
+        template="boxed", lr_small=1e-7, lr_large=1e-7, lr_schedule="constant", warmup_ratio=0.0,
+        num_samples=12, group_size=8, epochs=2),
+    "qwen0.5b": dict(  # one GPU
+        small_model="Qwen/Qwen2.5-0.5B-Instruct", large_model="Qwen/Qwen2.5-1.5B-Instruct",
+        dataset="openai/gsm8k", eval_dataset="openai/gsm8k", eval_size=200, eval_every=25,
+        max_completion_length=512, max_prompt_length=256, batch_size=16, num_samples=8, group_size=4,
+        lr_small=1e-6, lr_large=1e-6, epochs=1, max_steps=200, gradient_checkpointing=True),
+    "tiny": dict(  # offline, CPU: models and data built locally by build_tiny_world()
+        small_model="tiny:small", large_model="tiny:large", dataset="tiny:train", eval_dataset="tiny:test",
+        template="boxed", eval_size=200, eval_every=10, batch_size=8, num_samples=8, group_size=4,
+        max_completion_length=16, max_prompt_length=64, lr_small=1e-4, lr_large=3e-5, lr_schedule="constant",
+        warmup_ratio=0.0, epochs=1, max_steps=30, micro_batch_size=32, gen_batch_size=256, save_every=0,
+        output_dir="runs/tiny", dtype="float32"),
+}
+
+
+def parse_args(argv=None):
+    """Args from the command line: dataclass defaults < preset < flags given."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    for f in dataclasses.fields(Args):
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})", default=argparse.SUPPRESS)
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(f"--{f.name}", type=f.type, choices=f.metadata.get("choices"), **kw)
+    given = vars(p.parse_args(argv))
+    return Args(**{**PRESETS[given.get("preset", "")], **given})
+
+
+def check_args(a):
+    """Reject bad settings before anything is loaded."""
+    M, G, N, T = a.num_samples, a.group_size, a.max_completion_length, a.hint_tokens
+    if G < 2 or G % 2:
+        raise BadInput(f"--group_size must be even and >= 2 (G/2 highest and G/2 lowest are kept), got {G}")
+    if G > M:
+        raise BadInput(f"--group_size G={G} must be <= --num_samples M={M}")
+    if a.alpha < 0:
+        raise BadInput(f"--alpha must be >= 0, got {a.alpha}")
+    if N < 1 or not 0 <= T < N:
+        raise BadInput(f"--hint_tokens T={T} must be >= 0 and < --max_completion_length N={N}")
+    if T > 0 and a.algo == "grpo":
+        raise BadInput("--hint_tokens needs a large model to write hints: use --algo codistill or kdrl")
+    if not 0 <= a.clip_eps < 1:
+        raise BadInput(f"--clip_eps must be in [0, 1), got {a.clip_eps}")
+    if a.temperature <= 0:
+        raise BadInput(f"--temperature must be > 0, got {a.temperature}")
+    for name in ["batch_size", "micro_batch_size", "gen_batch_size", "logprob_chunk", "epochs", "max_prompt_length"]:
+        if getattr(a, name) < 1:
+            raise BadInput(f"--{name} must be >= 1, got {getattr(a, name)}")
+    for name in ["max_steps", "eval_size", "eval_every", "save_every"]:
+        if getattr(a, name) < 0:
+            raise BadInput(f"--{name} must be >= 0, got {getattr(a, name)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data, prompts and rewards (Appendix B, Tables 4 and 5)
+
+TEMPLATES = {
+    "r1": ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+           "assistant first thinks about the reasoning process in the mind and then provides the user with the "
+           "answer. The reasoning process and answer are enclosed within <think></think> and <answer></answer> tags, "
+           "respectively, i.e., <think> reasoning process here </think> and <answer> answer here </answer>. "
+           "User: {prompt}. Assistant:"),
+    "boxed": "Please reason step by step, and put your final answer within \\boxed{{}}.\nQuestion: {prompt}. Answer:",
+}
+FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+GRADE_TIMEOUT_S = 5  # math-verify's own limits, per parse and per verify
+
+
+def format_reward(completion):
+    """r1 template: 0.25 for each of the four tags that appears exactly once -> float in [0, 1]."""
+    return 0.25 * sum(completion.count(tag) == 1 for tag in FORMAT_TAGS)
+
+
+def accuracy_reward(completion, gold, template):
+    """1.0 when the completion's final answer equals the gold answer (math-verify), else 0.0. Never raises.
+
+    r1: the text inside the last <answer>...</answer> is graded (wrapped in $...$ when it has no delimiters, since
+    math-verify does not parse bare LaTeX reliably). boxed: math-verify finds the last \\boxed{} itself.
+    Model text goes only to math-verify's parser, never to eval, sympify or parse_expr.
+    """
+    from math_verify import parse, verify
+    if template == "r1":
+        answers = ANSWER_TAG.findall(completion)
+        if not answers:
+            return 0.0
+        completion = answers[-1].strip()
+        if "$" not in completion and "\\boxed" not in completion:
+            completion = f"${completion}$"
+    try:
+        gold_parsed = parse(f"${gold}$", parsing_timeout=GRADE_TIMEOUT_S)
+        pred_parsed = parse(completion, parsing_timeout=GRADE_TIMEOUT_S)
+        return float(verify(gold_parsed, pred_parsed, timeout_seconds=GRADE_TIMEOUT_S))
+    except Exception:  # math-verify raises on pathological input; a wrong answer is the right score for it
+        return 0.0
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} with balanced braces (MATH solutions carry their answer there)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{") - 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+# Hub datasets we know how to read: id -> (config, splits, problem column, answer function of the row)
+HUB_DATASETS = {
+    "DigitalLearningGmbH/MATH-lighteval": ("default", ["train", "test"], "problem",
+                                           lambda row: last_boxed(row["solution"])),
+    "HuggingFaceH4/MATH-500": ("default", ["test"], "problem", lambda row: row["answer"]),
+    "openai/gsm8k": ("main", ["train"], "question",
+                     lambda row: row["answer"].split("####")[-1].strip().replace(",", "")),
+}
+MATH500_ID = "HuggingFaceH4/MATH-500"
+
+
+def load_problems(name, split="train"):
+    """-> list of {'problem', 'answer'} from a local JSON/JSONL file or a hub dataset (BadInput on a bad row)."""
+    if os.path.isfile(name):
+        with open(name) as f:
+            text = f.read()
+        try:
+            rows = json.loads(text) if name.endswith(".json") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        except json.JSONDecodeError as e:
+            raise BadInput(f"dataset {name}: not valid JSON ({e})") from None
+        where = name
+    else:
+        import datasets
+        config, splits, pcol, answer_of = HUB_DATASETS.get(name, (None, [split], "problem", lambda r: r["answer"]))
+        if name == "openai/gsm8k" and split == "test":
+            splits = ["test"]
+        try:
+            parts = [datasets.load_dataset(name, config, split=s) for s in splits]
+        except Exception as e:
+            raise BadInput(f"dataset {name}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        rows = [{"problem": r.get(pcol), "answer": answer_of(r) if pcol in r else None} for p in parts for r in p]
+        where = f"{name} ({'+'.join(splits)})"
+    if not isinstance(rows, list) or not rows:
+        raise BadInput(f"dataset {where}: no rows")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not str(r.get("problem") or "").strip() or r.get("answer") in (None, ""):
+            raise BadInput(f"dataset {where}: row {i} has no 'problem' or no 'answer'")
+    rows = [{"problem": str(r["problem"]), "answer": str(r["answer"])} for r in rows]
+    return rows
+
+
+def training_problems(name):
+    """Training rows; MATH (train + test = 12,500) without the 500 problems of MATH500, which we evaluate on."""
+    rows = load_problems(name, "train")
+    if name == "DigitalLearningGmbH/MATH-lighteval":
+        held_out = {r["problem"].strip() for r in load_problems(MATH500_ID, "test")}
+        kept = [r for r in rows if r["problem"].strip() not in held_out]
+        print(f"training set: {len(rows)} MATH problems, {len(rows) - len(kept)} of MATH500 left out -> {len(kept)}")
+        rows = kept
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny offline world: a tokenizer, two Qwen2 models and 2-digit additions, built locally and saved, so that
+# `--preset tiny` goes through the same from_pretrained path as real models.
+
+TINY_CONFIGS = {  # small ~0.5M params, large ~4M params
+    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4),
+}
+TINY_EOS = "<|endoftext|>"  # EOS and pad are the same token, as in Qwen2.5 base models
+
+
+def tiny_problems(seed, n_test=500):
+    """All a + b with a, b in 10..99, shuffled by seed; the first n_test are the held-out test set."""
+    rows = [{"problem": f"What is {a} + {b}", "answer": str(a + b)} for a in range(10, 100) for b in range(10, 100)]
+    random.Random(seed).shuffle(rows)
+    return rows[n_test:], rows[:n_test]
+
+
+def tiny_solution(row):
+    return f" {row['problem'][8:]} = \\boxed{{{row['answer']}}}"
+
+
+def build_tiny_tokenizer(rows):
+    """A byte-level BPE tokenizer (digits kept single) trained on the task's prompts and solutions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = [TEMPLATES[t].format(prompt=r["problem"]) + tiny_solution(r) for t in TEMPLATES for r in rows[:2000]]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[TINY_EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_EOS, pad_token=TINY_EOS)
+
+
+def build_tiny_world(cache_dir, seed):
+    """Build (once per seed, cached) the tiny tokenizer, models and data -> {'small', 'large', 'train', 'test'}."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    key = hashlib.sha1(json.dumps([TINY_CONFIGS, seed, 1]).encode()).hexdigest()[:10]
+    root = os.path.join(cache_dir, f"tiny-{key}")
+    paths = {name: os.path.join(root, name) for name in ["small", "large"]}
+    paths.update(train=os.path.join(root, "train.jsonl"), test=os.path.join(root, "test.jsonl"))
+    if os.path.exists(os.path.join(root, "DONE")):
+        return paths
+    print(f"building the tiny offline world in {root}")
+    tmp = f"{root}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    train, test = tiny_problems(seed)
+    for split, rows in [("train", train), ("test", test)]:
+        with open(os.path.join(tmp, f"{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    tokenizer = build_tiny_tokenizer(train)
+    for name, cfg in TINY_CONFIGS.items():
+        torch.manual_seed(seed)
+        config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
+                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **cfg)
+        Qwen2ForCausalLM(config).save_pretrained(os.path.join(tmp, name))
+        tokenizer.save_pretrained(os.path.join(tmp, name))
+    open(os.path.join(tmp, "DONE"), "w").close()
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return paths
+
+
+def resolve_tiny(a):
+    """Replace the preset's 'tiny:NAME' placeholders by the paths of the built tiny world."""
+    fields = ["small_model", "large_model", "dataset", "eval_dataset"]
+    if any(getattr(a, f).startswith("tiny:") for f in fields):
+        paths = build_tiny_world(a.cache_dir, a.seed)
+        for f in fields:
+            v = getattr(a, f)
+            if v.startswith("tiny:"):
+                if v[5:] not in paths:
+                    raise BadInput(f"--{f} {v}: the tiny world has {', '.join('tiny:' + k for k in paths)}")
+                setattr(a, f, paths[v[5:]])
+    return a
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and tokenizers
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise BadInput(f"model {name}: its tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_same_tokens(tok_small, tok_large, small_name, large_name):
+    """The KD reward compares the two models token by token: both must map every token to the same id."""
+    vs, vl = tok_small.get_vocab(), tok_large.get_vocab()
+    if vs != vl:
+        diff = sorted(set(vs.items()) ^ set(vl.items()), key=str)[:3]
+        raise BadInput(f"--small_model {small_name} and --large_model {large_name} tokenize differently "
+                       f"({len(vs)} vs {len(vl)} tokens; e.g. {diff}): the KD reward needs one vocabulary")
+
+
+def load_model(name, dtype, device, gradient_checkpointing):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    # Our own generation config: a hub model's (e.g. repetition_penalty, top_k) would change what is sampled
+    # without changing the log-probs we train on.
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=model.generation_config.pad_token_id)
+    if gradient_checkpointing:  # active only in train mode: generation (eval mode) keeps its KV cache
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    return model
+
+
+def eos_ids_of(tokenizer, *models):
+    """Every token that ends a completion: the tokenizer's EOS and each model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    for m in models:
+        e = m.generation_config.eos_token_id
+        ids.update(e if isinstance(e, list) else [e])
+    return sorted(i for i in ids if i is not None)
+
+
+def encode_prompts(tokenizer, problems, template, max_prompt_length, device):
+    """Left-padded prompt ids and mask, (B, P); long prompts keep their last max_prompt_length tokens."""
+    texts = [TEMPLATES[template].format(prompt=p) for p in problems]
+    ids = [x[-max_prompt_length:] for x in tokenizer(texts)["input_ids"]]
+    P = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), P), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), P), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, P - len(x):] = torch.tensor(x)
+        mask[i, P - len(x):] = 1
+    return input_ids.to(device), mask.to(device)  # (B, P), (B, P)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def completion_mask(completion_ids, eos_ids):
+    """1 on every token up to and including the first EOS, 0 after it (and everywhere after N if none).
+
+    Built from positions: the tokens after the first EOS are masked whatever they are, so pad == EOS is fine.
+    """
+    S, L = completion_ids.shape
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # (S, L)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], L, dtype=torch.long))
+    positions = torch.arange(L, device=completion_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).long()  # (S, L)
+
+
+@torch.inference_mode()
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, batch_size):
+    """Completions sampled with HF generate (KV cache, ancestral sampling: top_k=0, top_p=1) -> (S, L <= N)."""
+    from transformers import GenerationConfig
+    was_training = model.training
+    model.eval()
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
+    P, outs = prompt_ids.shape[1], []
+    for i in range(0, len(prompt_ids), batch_size):
+        out = model.generate(input_ids=prompt_ids[i:i + batch_size], attention_mask=prompt_mask[i:i + batch_size],
+                             generation_config=config)
+        outs.append(out[:, P:])
+    model.train(was_training)
+    return pad_right(outs, pad_id)
+
+
+def pad_right(seqs, pad_id):
+    """List of (s_i, L_i) or 1-D tensors -> one (sum s_i, max L_i) tensor padded on the right."""
+    seqs = [s if s.dim() == 2 else s[None] for s in seqs]
+    L = max(s.shape[1] for s in seqs)
+    return torch.cat([F.pad(s, (0, L - s.shape[1]), value=pad_id) for s in seqs])
+
+
+def rollout(small, large, prompt_ids, prompt_mask, a, eos_ids, pad_id, hints):
+    """M completions per prompt from the small model; with hints, the large model writes their first T tokens.
+
+    -> completion ids (B*M, L), completion mask (B*M, L), hint mask (B*M, L): 1 on the large model's tokens.
+    """
+    M, N, T = a.num_samples, a.max_completion_length, a.hint_tokens
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
+    if not hints:
+        comp = sample(small, prompt_ids, prompt_mask, N, a.temperature, eos_ids, pad_id, a.gen_batch_size)
+        return comp, completion_mask(comp, eos_ids), torch.zeros_like(comp)
+    hint = sample(large, prompt_ids, prompt_mask, T, a.temperature, eos_ids, pad_id, a.gen_batch_size)  # (B*M, <=T)
+    hint_len = completion_mask(hint, eos_ids).sum(1).tolist()  # a hint that ends in EOS is a whole completion
+    # the small model continues prompt + hint: re-pad on the left, since hints differ in length
+    rows = [torch.cat([p[m.bool()], h[:n]]) for p, m, h, n in zip(prompt_ids, prompt_mask, hint, hint_len)]
+    P = max(len(r) for r in rows)
+    ctx = torch.stack([F.pad(r, (P - len(r), 0), value=pad_id) for r in rows])  # (B*M, P')
+    ctx_mask = torch.stack([F.pad(torch.ones_like(r), (P - len(r), 0)) for r in rows])
+    cont = sample(small, ctx, ctx_mask, N - T, a.temperature, eos_ids, pad_id, a.gen_batch_size)  # (B*M, <=N-T)
+    comp = pad_right([torch.cat([h[:n], c]) for h, n, c in zip(hint, hint_len, cont)], pad_id)  # (B*M, L <= N)
+    hint_mask = (torch.arange(comp.shape[1], device=comp.device)[None] < torch.tensor(hint_len, device=comp.device)[:, None])
+    return comp, completion_mask(comp, eos_ids), hint_mask.long()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token log-probs: fp32 log-softmax at the sampling temperature, in chunks of tokens so that a (S, L, vocab) fp32
+# tensor never exists; with grad, each chunk's logits are recomputed in the backward pass instead of stored.
+
+
+def _chunk_logprobs(lm_head, hidden, targets, temperature):
+    logits = lm_head(hidden).float() / temperature  # (C, V)
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (C,)
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk):
+    """log pi(o_t | q, o_<t) of every completion token -> (S, L), fp32. Grad flows when grad mode is on."""
+    P = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (S, P+L)
+    attn = torch.cat([prompt_mask, completion_mask], 1)  # (S, P+L)
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state  # (S, P+L, H)
+    hidden = hidden[:, P - 1:-1]  # (S, L, H): the states that predict the completion tokens
+    S, L, H = hidden.shape
+    h, targets = hidden.reshape(S * L, H), completion_ids.reshape(S * L)  # (S*L, H), (S*L,)
+    lm_head, out = model.get_output_embeddings(), []
+    for i in range(0, S * L, chunk):
+        args = (lm_head, h[i:i + chunk], targets[i:i + chunk], temperature)
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*args))
+    return torch.cat(out).view(S, L)  # (S, L)
+
+
+@torch.no_grad()
+def score(model, prompt_ids, prompt_mask, comp, mask, a):
+    """Old-policy log-probs of all sequences, in micro-batches, no grad -> (S, L)."""
+    was_training = model.training
+    model.eval()
+    mb = a.micro_batch_size
+    out = torch.cat([token_logprobs(model, prompt_ids[i:i + mb], prompt_mask[i:i + mb], comp[i:i + mb],
+                                    mask[i:i + mb], a.temperature, a.logprob_chunk) for i in range(0, len(comp), mb)])
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's equations, as pure functions
+
+
+def kd_reward(logp_large, logp_small, mask, max_len):  # Eq. (6), the KD term without alpha
+    """(1/N) sum_t mask_t (log pi_theta - log pi_phi): (S, L) each -> (S,)."""
+    return ((logp_large - logp_small) * mask).sum(-1) / max_len  # (S,)
+
+
+def downsample(rewards, G):  # Sec. 3.3
+    """Per prompt, the indices of the G/2 highest and G/2 lowest rewards: (B, M) -> (B, G). M == G keeps all."""
+    B, M = rewards.shape
+    if G == M:
+        return torch.arange(M, device=rewards.device).expand(B, M)
+    order = torch.argsort(rewards, dim=1, descending=True, stable=True)  # (B, M)
+    return torch.cat([order[:, :G // 2], order[:, M - G // 2:]], dim=1)  # (B, G)
+
+
+def group_advantages(rewards, scale_by_std):  # Eq. (3) with scale_by_std, Eq. (7) without
+    """Rewards minus their group mean, optionally divided by the group's (unbiased) std + 1e-4: (B, G) -> (B, G)."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)  # (B, G)
+    if scale_by_std:
+        return centered / (rewards.std(dim=1, keepdim=True) + 1e-4)
+    return centered
+
+
+def policy_loss(logp, logp_old, advantages, mask, max_len, clip_eps):  # Eq. (5) and Eq. (10)
+    """-(1/S) sum_i (1/N) sum_t mask * min(rho A_i, clip(rho, 1-eps, 1+eps) A_i), rho = exp(logp - logp_old).
+
+    logp, logp_old, mask: (S, L); advantages: (S,). The log-ratio is clamped to [-20, 20] before exp so that a far
+    off-policy token (Eq. 10 compares two different models) cannot overflow.
+    """
+    ratio = torch.exp((logp - logp_old).clamp(-20.0, 20.0))  # (S, L)
+    A = advantages[:, None]  # (S, 1)
+    objective = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # (S, L)
+    per_sequence = (objective * mask).sum(-1) / max_len  # (S,)  sum over tokens, divided by the constant N
+    return -per_sequence.mean()  # mean over the S sequences
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step on one model
+
+
+def make_optimizer(model, lr, a, total_steps):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=a.weight_decay)
+    warmup = int(a.warmup_ratio * total_steps)
+
+    def lr_lambda(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if a.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a):
+    """One clipped policy-gradient step over S sequences in micro-batches -> metrics. The loss of each micro-batch
+    is weighted by its share of S, so the accumulated gradient is that of the mean over all S sequences."""
+    model.train()
+    S, mb, N, eps = len(comp), a.micro_batch_size, a.max_completion_length, a.clip_eps
+    stats = dict(loss=0.0, ratio_sum=0.0, ratio_max=0.0, clipped=0.0, tokens=0.0)
+    for i in range(0, S, mb):
+        j = slice(i, i + mb)
+        logp = token_logprobs(model, prompt_ids[j], prompt_mask[j], comp[j], mask[j], a.temperature,
+                              a.logprob_chunk)  # (mb, L)
+        loss = policy_loss(logp, logp_old[j], advantages[j], mask[j], N, eps) * (len(logp) / S)
+        loss.backward()
+        with torch.no_grad():
+            m = mask[j].bool()
+            ratio = torch.exp((logp - logp_old[j]).clamp(-20.0, 20.0))[m]
+            stats["loss"] += loss.item()
+            stats["ratio_sum"] += ratio.sum().item()
+            stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item() if ratio.numel() else 0.0)
+            stats["clipped"] += ((ratio - 1).abs() > eps).sum().item()
+            stats["tokens"] += m.sum().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm).item()
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    n = max(stats["tokens"], 1.0)
+    return dict(loss=stats["loss"], ratio_mean=stats["ratio_sum"] / n, ratio_max=stats["ratio_max"],
+                clip_frac=stats["clipped"] / n, grad_norm=grad_norm, lr=lr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out accuracy (greedy), checkpoints, logging
+
+
+@torch.inference_mode()
+def test_accuracy(model, tokenizer, rows, a, eos_ids, device):
+    """Greedy accuracy on held-out problems (the paper's Figure 3)."""
+    from transformers import GenerationConfig
+    was_training = model.training
+    model.eval()
+    config = GenerationConfig(do_sample=False, max_new_tokens=a.max_completion_length, eos_token_id=eos_ids,
+                              pad_token_id=tokenizer.pad_token_id)
+    correct = 0.0
+    for i in range(0, len(rows), a.gen_batch_size):
+        batch = rows[i:i + a.gen_batch_size]
+        ids, mask = encode_prompts(tokenizer, [r["problem"] for r in batch], a.template, a.max_prompt_length, device)
+        comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+        comp = comp * completion_mask(comp, eos_ids)  # drop what follows the first EOS before decoding
+        texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+        correct += sum(accuracy_reward(t, r["answer"], a.template) for t, r in zip(texts, batch))
+    model.train(was_training)
+    return correct / len(rows)
+
+
+def save_checkpoint(models, tokenizer, a, iteration):
+    """OUTPUT_DIR/checkpoint-<iteration>/<name>/: Hugging Face folders, written aside and renamed into place."""
+    final = os.path.join(a.output_dir, f"checkpoint-{iteration}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, model in models.items():
+        model.save_pretrained(os.path.join(tmp, name))
+        tokenizer.save_pretrained(os.path.join(tmp, name))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(a) | dict(iteration=iteration), f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def open_reporter(a):
+    """Optional tensorboard / wandb logger: -> function(metrics, step)."""
+    if a.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(a.output_dir, "tensorboard"))
+        return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
+    if a.report_to == "wandb":
+        import wandb
+        wandb.init(project="codistill-grpo", config=dataclasses.asdict(a), dir=a.output_dir)
+        return lambda m, step: wandb.log(m, step=step)
+    return lambda m, step: None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(a):
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # per-shard bars would drown ours
+    check_args(a)
+    resolve_tiny(a)
+    # everything the user can get wrong is checked before any model is loaded
+    train_rows = training_problems(a.dataset)
+    eval_rows = load_problems(a.eval_dataset, "test")[:a.eval_size] if a.eval_size else []
+    if len(train_rows) < a.batch_size:
+        raise BadInput(f"--dataset {a.dataset}: {len(train_rows)} problems, fewer than --batch_size {a.batch_size}")
+    needs = {"codistill": ["small", "large"], "kdrl": ["small", "large"], "grpo": [a.policy]}[a.algo]
+    names = {"small": a.small_model, "large": a.large_model}
+    tokenizer = load_tokenizer(names[needs[0]])
+    if len(needs) == 2:
+        check_same_tokens(tokenizer, load_tokenizer(a.large_model), a.small_model, a.large_model)
+
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[a.dtype]
+    models = {n: load_model(names[n], dtype, device, a.gradient_checkpointing) for n in needs}
+    trained = [a.policy] if a.algo == "grpo" else {"codistill": ["small", "large"], "kdrl": ["small"]}[a.algo]
+    prefix = {n: ("policy" if a.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
+    eos_ids, pad_id = eos_ids_of(tokenizer, *models.values()), tokenizer.pad_token_id
+
+    steps_per_epoch = len(train_rows) // a.batch_size
+    total_steps = a.max_steps or a.epochs * steps_per_epoch
+    lrs = {"small": a.lr_small, "large": a.lr_large}
+    optims = {n: make_optimizer(models[n], lrs[n], a, total_steps) for n in trained}
+    os.makedirs(a.output_dir, exist_ok=True)
+    with open(os.path.join(a.output_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(a), f, indent=1)
+    metrics_file = open(os.path.join(a.output_dir, "metrics.jsonl"), "w")
+    report = open_reporter(a)
+
+    def log(row):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        report(row, row["iteration"])
+
+    def evaluate(iteration, names_):
+        return {f"{prefix[n]}/test_accuracy": test_accuracy(models[n], tokenizer, eval_rows, a, eos_ids, device)
+                for n in names_} if eval_rows else {}
+
+    print(f"algo {a.algo}: training {', '.join(trained)} for {total_steps} iterations "
+          f"({len(train_rows)} problems, B={a.batch_size}, M={a.num_samples}, G={a.group_size}) -> {a.output_dir}")
+    row = dict(iteration=0, **evaluate(0, needs))
+    log(row)
+    print(" ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iteration"))
+
+    B, M, G, N = a.batch_size, a.num_samples, a.group_size, a.max_completion_length
+    rollout_model = models["small"] if "small" in models else models[a.policy]
+    order = []
+    bar = tqdm(range(1, total_steps + 1), desc=a.algo, dynamic_ncols=True)
+    for it in bar:
+        t_step = time.perf_counter()
+        epoch = (it - 1) // steps_per_epoch
+        if not order:  # a fresh permutation of the problems each epoch
+            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(a.seed + epoch)).tolist()
+        batch, order = [train_rows[i] for i in order[:B]], order[B:]
+        if len(order) < B:
+            order = []
+        m = dict(iteration=it, epoch=epoch)
+
+        # 1. rollouts: M completions per prompt from the small model (hint prefixes from the large one in epoch 1)
+        t = time.perf_counter()
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [r["problem"] for r in batch], a.template,
+                                                 a.max_prompt_length, device)  # (B, P)
+        hints = a.hint_tokens > 0 and epoch == 0
+        comp, mask, hint_mask = rollout(rollout_model, models.get("large"), prompt_ids, prompt_mask, a, eos_ids,
+                                        pad_id, hints)  # (B*M, L) each
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
+        m["time/generate"] = time.perf_counter() - t
+
+        # 2. rewards r: accuracy (+ format for r1)
+        t = time.perf_counter()
+        texts = tokenizer.batch_decode(comp * mask, skip_special_tokens=True)
+        gold = [r["answer"] for r in batch for _ in range(M)]
+        acc = torch.tensor([accuracy_reward(x, y, a.template) for x, y in zip(texts, gold)], device=device)  # (B*M,)
+        fmt = torch.tensor([format_reward(x) if a.template == "r1" else 0.0 for x in texts], device=device)
+        rewards = acc + fmt  # (B*M,)
+        m["time/reward"] = time.perf_counter() - t
+
+        # 3. scoring: old log-probs, no grad; 4. KD reward of Eq. (6)
+        t = time.perf_counter()
+        if a.algo == "grpo":  # one model: downsample by r first, then score only the kept G
+            keep = downsample(rewards.view(B, M), G)  # (B, G)
+            rewards_kd = rewards
+        else:
+            logp_small_old = score(models["small"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
+            logp_large_old = score(models["large"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
+            kd = kd_reward(logp_large_old, logp_small_old, mask, N)  # (B*M,)
+            rewards_kd = rewards + a.alpha * kd  # (B*M,)  Eq. (6)
+            # 5. downsampling by r~ (Sec. 3.3)
+            keep = downsample(rewards_kd.view(B, M), G)  # (B, G)
+            m["small/kd_reward"] = kd.mean().item()
+        flat = (keep + torch.arange(B, device=keep.device)[:, None] * M).reshape(-1)  # (B*G,) rows into B*M
+        k_prompt, k_pmask, k_comp, k_mask = prompt_ids[flat], prompt_mask[flat], comp[flat], mask[flat]
+        if a.algo == "grpo":
+            logp_old = score(models[a.policy], k_prompt, k_pmask, k_comp, k_mask, a)  # (B*G, L)
+        m["time/score"] = time.perf_counter() - t
+
+        # 6. advantages over the kept G
+        r_kept = rewards[flat].view(B, G)  # (B, G)
+        adv_large = group_advantages(r_kept, scale_by_std=True).reshape(-1)  # (B*G,)  Eq. (3)
+        adv_small = group_advantages(rewards_kd[flat].view(B, G), scale_by_std=False).reshape(-1)  # Eq. (7)
+
+        # 7. small step, Eq. (5)  (grpo: the one model's step, Eq. (10) with rho relative to itself)
+        for n in ["small", "large"]:
+            m[f"time/update_{n}"] = 0.0
+        if a.algo == "grpo":
+            t = time.perf_counter()
+            stats = update(models[a.policy], *optims[a.policy], k_prompt, k_pmask, k_comp, k_mask, logp_old,
+                           adv_large, a)
+            m[f"time/update_{a.policy}"] = time.perf_counter() - t
+        else:
+            t = time.perf_counter()
+            hint_kept = k_mask * hint_mask[flat]  # (B*G, L)
+            small_old = logp_small_old[flat]  # (B*G, L)
+            small_mask = k_mask
+            if a.hint_ratio == "large":  # Eq. (8) option (i): hint tokens weighted against the large model
+                small_old = torch.where(hint_kept.bool(), logp_large_old[flat], small_old)
+            elif a.hint_ratio == "ignore":  # option (ii): hint tokens left out of the small loss
+                small_mask = k_mask * (1 - hint_kept)
+            stats = update(models["small"], *optims["small"], k_prompt, k_pmask, k_comp, small_mask, small_old,
+                           adv_small, a)
+            m["time/update_small"] = time.perf_counter() - t
+            # 8. large step, Eq. (10): rho = pi_theta / pi_phi_old, the original-reward advantages of Eq. (3)
+            if a.algo == "codistill":
+                t = time.perf_counter()
+                stats_large = update(models["large"], *optims["large"], k_prompt, k_pmask, k_comp, k_mask,
+                                     logp_small_old[flat], adv_large, a)
+                m.update({f"large/{k}": v for k, v in stats_large.items()})
+                m["time/update_large"] = time.perf_counter() - t
+        p = prefix[needs[0]] if a.algo == "grpo" else "small"
+        m.update({f"{p}/{k}": v for k, v in stats.items()})
+
+        # metrics of the iteration's rollouts
+        lengths = mask.sum(1).float()  # (B*M,)
+        m[f"{p}/accuracy"] = acc.mean().item()
+        m[f"{p}/zero_accuracy_frac"] = (acc.view(B, M).sum(1) == 0).float().mean().item()
+        m[f"{p}/reward"] = rewards.mean().item()
+        if a.template == "r1":
+            m[f"{p}/format_reward"] = fmt.mean().item()
+        m[f"{p}/completion_length"] = lengths.mean().item()
+        m[f"{p}/truncated_frac"] = (comp.shape[1] == lengths).logical_and(mask[:, -1] == 1).logical_and(
+            ~torch.isin(comp[:, -1], torch.tensor(eos_ids, device=device))).float().mean().item()
+        m[f"{p}/kept_accuracy"] = acc[flat].mean().item()
+        if a.algo != "grpo":
+            m["large/accuracy"] = acc[flat].mean().item()  # the rollouts the large model learns from
+        if hints:
+            m["small/hint_length"] = hint_mask.sum(1).float().mean().item()
+        m["time/step"] = time.perf_counter() - t_step
+        m["tokens_per_s"] = lengths.sum().item() / max(m["time/generate"], 1e-9)
+
+        if (a.eval_every and it % a.eval_every == 0) or it == total_steps:
+            m.update(evaluate(it, trained))
+        if (a.save_every and it % a.save_every == 0) or it == total_steps:
+            save_checkpoint({prefix[n]: models[n] for n in trained}, tokenizer, a, it)
+        log(m)
+        bar.set_postfix({k.split("/")[-1][:8]: f"{v:.3f}" for k, v in m.items()
+                         if k in (f"{p}/accuracy", f"{p}/zero_accuracy_frac", f"{p}/test_accuracy", "time/step")})
+        if "small/test_accuracy" in m or "policy/test_accuracy" in m:
+            tqdm.write(f"iteration {it}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.endswith("test_accuracy")))
+    metrics_file.close()
+    return models
+
+
+def main(argv=None):
+    try:
+        a = parse_args(argv)
+        train(a)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
