@@ -76,6 +76,8 @@ class Args:
     output_dir: str = arg("runs/codistill", "where metrics.jsonl and checkpoint-<iteration>/ go")
     cache_dir: str = arg(os.path.join(os.path.expanduser("~"), ".cache", "codistill_grpo"),
                          "where the tiny offline world is built and cached")
+    tiny_warmup_small: int = arg(0, "tiny world: supervised warm-up steps that make the small model a base model")
+    tiny_warmup_large: int = arg(0, "tiny world: supervised warm-up steps of the large model (longer: a stronger base)")
     # the paper's symbols
     batch_size: int = arg(64, "B: prompts per rank per iteration (Table 3: 64 per GPU)")
     num_samples: int = arg(14, "M: completions sampled per prompt before downsampling (Table 3: 14)")
@@ -133,7 +135,7 @@ def parse_args(argv=None):
     """Args from the command line: dataclass defaults < preset < flags given."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     for f in dataclasses.fields(Args):
-        kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})", default=argparse.SUPPRESS)
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"), default=argparse.SUPPRESS)
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -162,7 +164,7 @@ def check_args(a):
     for name in ["batch_size", "micro_batch_size", "gen_batch_size", "logprob_chunk", "epochs", "max_prompt_length"]:
         if getattr(a, name) < 1:
             raise BadInput(f"--{name} must be >= 1, got {getattr(a, name)}")
-    for name in ["max_steps", "eval_size", "eval_every", "save_every"]:
+    for name in ["max_steps", "eval_size", "eval_every", "save_every", "tiny_warmup_small", "tiny_warmup_large"]:
         if getattr(a, name) < 0:
             raise BadInput(f"--{name} must be >= 0, got {getattr(a, name)}")
 
@@ -191,21 +193,24 @@ def format_reward(completion):
 def accuracy_reward(completion, gold, template):
     """1.0 when the completion's final answer equals the gold answer (math-verify), else 0.0. Never raises.
 
-    r1: the text inside the last <answer>...</answer> is graded (wrapped in $...$ when it has no delimiters, since
-    math-verify does not parse bare LaTeX reliably). boxed: math-verify finds the last \\boxed{} itself.
-    Model text goes only to math-verify's parser, never to eval, sympify or parse_expr.
+    The final answer is extracted first: r1, the text inside the last <answer>...</answer>; boxed, the content of
+    the last \\boxed{} (math-verify alone would take the first). It is wrapped in $...$ when it has no delimiters,
+    since math-verify does not parse bare LaTeX reliably. Model text goes only to math-verify's parser, never to
+    eval, sympify or parse_expr.
     """
     from math_verify import parse, verify
     if template == "r1":
         answers = ANSWER_TAG.findall(completion)
-        if not answers:
-            return 0.0
-        completion = answers[-1].strip()
-        if "$" not in completion and "\\boxed" not in completion:
-            completion = f"${completion}$"
+        answer = answers[-1].strip() if answers else None
+    else:
+        answer = last_boxed(completion)
+    if answer is None:
+        return 0.0
+    if "$" not in answer and "\\boxed" not in answer:
+        answer = f"${answer}$"
     try:
         gold_parsed = parse(f"${gold}$", parsing_timeout=GRADE_TIMEOUT_S)
-        pred_parsed = parse(completion, parsing_timeout=GRADE_TIMEOUT_S)
+        pred_parsed = parse(answer, parsing_timeout=GRADE_TIMEOUT_S)
         return float(verify(gold_parsed, pred_parsed, timeout_seconds=GRADE_TIMEOUT_S))
     except Exception:  # math-verify raises on pathological input; a wrong answer is the right score for it
         return 0.0
@@ -286,6 +291,7 @@ TINY_CONFIGS = {  # small ~0.5M params, large ~4M params
     "large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4),
 }
+TINY_WARMUP_LR = {"small": 3e-3, "large": 1e-3}
 TINY_EOS = "<|endoftext|>"  # EOS and pad are the same token, as in Qwen2.5 base models
 
 
@@ -315,14 +321,39 @@ def build_tiny_tokenizer(rows):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_EOS, pad_token=TINY_EOS)
 
 
-def build_tiny_world(cache_dir, seed):
-    """Build (once per seed, cached) the tiny tokenizer, models and data -> {'small', 'large', 'train', 'test'}."""
+def warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size=64):
+    """Supervised warm-up on prompt + solution (loss on the solution and its EOS): random weights -> a base model."""
+    g = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in tqdm(range(steps), desc="warm-up", leave=False, disable=steps < 50):
+        seqs, labels = [], []
+        for r in g.choices(rows, k=batch_size):
+            prompt = tokenizer(TEMPLATES[template].format(prompt=r["problem"]))["input_ids"]
+            solution = tokenizer(tiny_solution(r))["input_ids"] + [tokenizer.eos_token_id]
+            seqs.append(prompt + solution)
+            labels.append([-100] * len(prompt) + solution)
+        L = max(map(len, seqs))
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (L - len(s)) for s in seqs])  # (batch, L), right-padded
+        attn = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
+        labels = torch.tensor([x + [-100] * (L - len(x)) for x in labels])
+        model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model
+
+
+def build_tiny_world(cache_dir, seed, warmup_steps=(0, 0)):
+    """Build once (cached, keyed by its settings) the tiny tokenizer, data and models, warmed up for
+    warmup_steps = (small, large) supervised steps -> paths {'small', 'large', 'train', 'test'}."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    key = hashlib.sha1(json.dumps([TINY_CONFIGS, seed, 1]).encode()).hexdigest()[:10]
+    settings = [TINY_CONFIGS, seed, list(warmup_steps), TINY_WARMUP_LR]
+    key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]
     root = os.path.join(cache_dir, f"tiny-{key}")
     paths = {name: os.path.join(root, name) for name in ["small", "large"]}
     paths.update(train=os.path.join(root, "train.jsonl"), test=os.path.join(root, "test.jsonl"))
     if os.path.exists(os.path.join(root, "DONE")):
+        print(f"tiny offline world: {root} (cached)")
         return paths
     print(f"building the tiny offline world in {root}")
     tmp = f"{root}.tmp{os.getpid()}"
@@ -333,12 +364,13 @@ def build_tiny_world(cache_dir, seed):
         with open(os.path.join(tmp, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     tokenizer = build_tiny_tokenizer(train)
-    for name, cfg in TINY_CONFIGS.items():
+    for (name, cfg), steps in zip(TINY_CONFIGS.items(), warmup_steps):
         torch.manual_seed(seed)
         config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
                              bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, **cfg)
-        Qwen2ForCausalLM(config).save_pretrained(os.path.join(tmp, name))
+        model = warmup(Qwen2ForCausalLM(config), tokenizer, train, "boxed", steps, TINY_WARMUP_LR[name], seed)
+        model.save_pretrained(os.path.join(tmp, name))
         tokenizer.save_pretrained(os.path.join(tmp, name))
     open(os.path.join(tmp, "DONE"), "w").close()
     shutil.rmtree(root, ignore_errors=True)
@@ -350,7 +382,7 @@ def resolve_tiny(a):
     """Replace the preset's 'tiny:NAME' placeholders by the paths of the built tiny world."""
     fields = ["small_model", "large_model", "dataset", "eval_dataset"]
     if any(getattr(a, f).startswith("tiny:") for f in fields):
-        paths = build_tiny_world(a.cache_dir, a.seed)
+        paths = build_tiny_world(a.cache_dir, a.seed, (a.tiny_warmup_small, a.tiny_warmup_large))
         for f in fields:
             v = getattr(a, f)
             if v.startswith("tiny:"):
@@ -617,7 +649,7 @@ def update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, adv
 
 
 @torch.inference_mode()
-def test_accuracy(model, tokenizer, rows, a, eos_ids, device):
+def heldout_accuracy(model, tokenizer, rows, a, eos_ids, device):
     """Greedy accuracy on held-out problems (the paper's Figure 3)."""
     from transformers import GenerationConfig
     was_training = model.training
@@ -710,7 +742,7 @@ def train(a):
         report(row, row["iteration"])
 
     def evaluate(iteration, names_):
-        return {f"{prefix[n]}/test_accuracy": test_accuracy(models[n], tokenizer, eval_rows, a, eos_ids, device)
+        return {f"{prefix[n]}/test_accuracy": heldout_accuracy(models[n], tokenizer, eval_rows, a, eos_ids, device)
                 for n in names_} if eval_rows else {}
 
     print(f"algo {a.algo}: training {', '.join(trained)} for {total_steps} iterations "

@@ -1,0 +1,436 @@
+"""Tests: each equation against numbers worked out by hand, the log-prob and mask machinery against HF's own
+computation, the graders on typical strings, the whole loop on the tiny world, and every bad input.
+
+    python -m pytest -q test_codistill_grpo.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import codistill_grpo as cg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return dict(cache=cache, **cg.build_tiny_world(cache, seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny(world):
+    from transformers import AutoModelForCausalLM
+    tok = cg.load_tokenizer(world["small"])
+    model = AutoModelForCausalLM.from_pretrained(world["small"], dtype=torch.float32)
+    return tok, model
+
+
+@pytest.fixture(scope="session")
+def based(world, tmp_path_factory):
+    """Tiny base models that know 2 problems partly (small ~60% of samples right, large more): random weights
+    get no reward at all, and then no GRPO advantage and no update either."""
+    from transformers import AutoModelForCausalLM
+    root = tmp_path_factory.mktemp("based")
+    tok = cg.load_tokenizer(world["small"])
+    rows = [json.loads(l) for l in open(world["train"])][:2]
+    (root / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, steps in [("small", 40), ("large", 50)]:
+        model = AutoModelForCausalLM.from_pretrained(world[name], dtype=torch.float32)
+        cg.warmup(model, tok, rows, "boxed", steps, 2e-3, seed=0, batch_size=8)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return dict(world, small=str(root / "small"), large=str(root / "large"), data=str(root / "two.jsonl"))
+
+
+def tiny_argv(world, out, *extra):
+    """A two-iteration run of --preset tiny, shrunk to seconds (the world may be replaced by `based`)."""
+    return ["--preset", "tiny", "--cache_dir", world["cache"], "--output_dir", str(out), "--max_steps", "2",
+            "--batch_size", "2", "--num_samples", "8", "--group_size", "4", "--eval_size", "4", "--eval_every", "1",
+            "--micro_batch_size", "3", *extra]
+
+
+def based_argv(based, out, *extra):
+    return tiny_argv(based, out, "--small_model", based["small"], "--large_model", based["large"],
+                     "--dataset", based["data"], "--eval_dataset", based["data"], *extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The equations, by hand
+
+
+def test_kd_reward_eq6_by_hand():
+    logp_large = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    logp_small = torch.tensor([[-2.0, -2.0, -1.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # row 0: ((-1+2) + (-2+2)) / 4 = 0.25; row 1: (-0.5+1) / 4 = 0.125; masked tokens do not count
+    assert torch.allclose(cg.kd_reward(logp_large, logp_small, mask, max_len=4), torch.tensor([0.25, 0.125]))
+
+
+def test_downsample_keeps_top_and_bottom_half():
+    rewards = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.7, 0.2],
+                            [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    idx = cg.downsample(rewards, G=4)
+    assert idx.shape == (2, 4)
+    assert set(idx[0].tolist()) == {1, 4, 0, 5}  # 0.9, 0.7 highest; 0.1, 0.2 lowest
+    assert set(idx[1].tolist()) == {0, 1, 4, 5}
+    assert cg.downsample(rewards, G=6).tolist() == [list(range(6))] * 2  # M == G keeps all, in order
+
+
+def test_downsample_g2_keeps_max_and_min():
+    rewards = torch.tensor([[0.3, -1.0, 2.0, 0.0]])
+    assert sorted(cg.downsample(rewards, G=2)[0].tolist()) == [1, 2]
+
+
+def test_group_advantages_eq3_and_eq7_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    # mean 0.5; unbiased std sqrt((4 * 0.25) / 3) = 0.577350; 0.5 / (0.577350 + 1e-4) = 0.865875
+    a3 = cg.group_advantages(r, scale_by_std=True)
+    assert torch.allclose(a3[0], torch.tensor([0.865875, -0.865875, -0.865875, 0.865875]), atol=1e-5)
+    assert torch.equal(a3[1], torch.zeros(4))  # all rewards equal: no signal, no NaN
+    a7 = cg.group_advantages(r, scale_by_std=False)
+    assert torch.allclose(a7[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert torch.equal(a7[1], torch.zeros(4))
+
+
+def test_policy_loss_eq5_by_hand():
+    # log-ratios chosen so that each case of min(rho A, clip(rho) A) appears; eps = 0.2, N = 4
+    ratio = torch.tensor([[1.5, 0.5], [1.1, 0.7], [0.5, 1.5]])
+    logp_old = torch.tensor([[-1.0, -2.0], [-0.3, -0.4], [-3.0, -1.0]])
+    logp = (logp_old + ratio.log()).requires_grad_()
+    adv = torch.tensor([1.0, -2.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    loss = cg.policy_loss(logp, logp_old, adv, mask, max_len=4, clip_eps=0.2)
+    # row 0, A=+1:  min(1.5, 1.2) = 1.2 (clipped) ; min(0.5, 0.8) = 0.5        -> 1.7 / 4 = 0.425
+    # row 1, A=-2:  min(-2.2, -2.2) = -2.2 ; second token masked               -> -2.2 / 4 = -0.55
+    # row 2, A=-1:  min(-0.5, -0.8) = -0.8 (clipped) ; min(-1.5, -1.2) = -1.5  -> -2.3 / 4 = -0.575
+    # loss = -(0.425 - 0.55 - 0.575) / 3 = 0.233333
+    assert loss.item() == pytest.approx(0.7 / 3, abs=1e-6)
+    loss.backward()
+    # d loss / d logp = -(1/3)(1/4) * rho * A where the unclipped branch is taken and the token is in the mask
+    expected = torch.tensor([[0.0, -0.5 / 12], [2.2 / 12, 0.0], [0.0, 1.5 / 12]])
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+
+
+def test_policy_loss_is_mean_over_sequences_and_divides_by_constant_n():
+    logp = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, 1.0])
+    short = torch.tensor([[1, 0, 0], [1, 0, 0]])
+    # rho = 1 everywhere: per sequence sum(mask) / N, so a 1-token completion counts 1/N, not 1 (no length bias)
+    assert cg.policy_loss(logp, logp, adv, short, max_len=10, clip_eps=0.2).item() == pytest.approx(-0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks and log-probs
+
+
+def test_completion_mask_when_pad_equals_eos():
+    eos = 0  # the tiny tokenizer's EOS is also its pad
+    comp = torch.tensor([[5, 6, eos, eos, eos],
+                         [5, eos, 7, eos, eos],
+                         [5, 6, 7, 8, 9]])
+    assert cg.completion_mask(comp, [eos]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert cg.completion_mask(torch.tensor([[9, 3, 4]]), [3, 4]).tolist() == [[1, 1, 0]]  # any of several EOS
+
+
+def test_generated_eos_is_inside_the_mask(tiny):
+    tok, model = tiny
+    assert tok.pad_token_id == tok.eos_token_id
+    ids, mask = cg.encode_prompts(tok, ["What is 12 + 34"] * 64, "boxed", 64, "cpu")
+    torch.manual_seed(0)
+    comp = cg.sample(model, ids, mask, 12, 3.0, [tok.eos_token_id], tok.pad_token_id, 64)  # hot: EOS comes early
+    m = cg.completion_mask(comp, [tok.eos_token_id])
+    ended = (comp == tok.eos_token_id).any(1)
+    assert ended.any() and (~ended).any()
+    for row, mrow in zip(comp[ended], m[ended]):
+        first = (row == tok.eos_token_id).nonzero()[0].item()
+        assert mrow[first] == 1 and mrow[:first].all() and not mrow[first + 1:].any()
+    assert m[~ended].all()
+
+
+def naive_logprobs(model, prompt_ids, prompt_mask, comp, comp_mask, temperature):
+    ids = torch.cat([prompt_ids, comp], 1)
+    attn = torch.cat([prompt_mask, comp_mask], 1)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, prompt_ids.shape[1] - 1:-1]
+    return (logits.float() / temperature).log_softmax(-1).gather(-1, comp[..., None]).squeeze(-1)
+
+
+def test_chunked_logprobs_equal_naive_values_and_gradients(tiny):
+    tok, model = tiny
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
+    comp = torch.randint(1, len(tok), (2, 7))
+    cmask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    grads = []
+    for fn in [lambda: naive_logprobs(model, ids, pmask, comp, cmask, 0.7),
+               lambda: cg.token_logprobs(model, ids, pmask, comp, cmask, 0.7, chunk=3)]:  # 14 tokens, chunks of 3
+        model.zero_grad()
+        lp = fn()
+        (lp * cmask).sum().backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0].dtype == grads[1][0].dtype == torch.float32
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(g0, g1, atol=1e-5)
+    model.zero_grad()
+
+
+def test_logprobs_equal_the_scores_generate_sampled_with(tiny):
+    from transformers import GenerationConfig
+    tok, model = tiny
+    model.eval()
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67", "What is 99 + 10"], "boxed", 64, "cpu")
+    assert (pmask == 0).any()  # left padding is exercised
+    torch.manual_seed(1)
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=10,
+                           eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    out = model.generate(input_ids=ids, attention_mask=pmask, generation_config=cfg, output_scores=True,
+                         return_dict_in_generate=True)
+    comp = out.sequences[:, ids.shape[1]:]
+    scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (S, L, V): already divided by the temperature
+    from_generate = scores.gather(-1, comp[..., None]).squeeze(-1)
+    cmask = cg.completion_mask(comp, [tok.eos_token_id])
+    with torch.no_grad():
+        ours = cg.token_logprobs(model, ids, pmask, comp, cmask, 0.7, chunk=5)
+    m = cmask.bool()
+    assert torch.allclose(ours[m], from_generate[m], atol=1e-4)
+
+
+def test_loss_scale_does_not_depend_on_micro_batch_size(tiny):
+    tok, model0 = tiny
+    import copy
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"] * 3, "boxed", 64, "cpu")
+    torch.manual_seed(0)
+    comp = torch.randint(1, len(tok), (6, 5))
+    cmask = torch.ones_like(comp)
+    cmask[0, 3:] = 0
+    with torch.no_grad():
+        old = cg.token_logprobs(model0, ids, pmask, comp, cmask, 1.0, 64) - 0.05  # ratios slightly off 1
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])
+    after = []
+    for mb in [6, 4, 1]:
+        model = copy.deepcopy(model0)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD: the step is the gradient itself
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        a = cg.Args(micro_batch_size=mb, max_completion_length=5, max_grad_norm=1e9)
+        cg.update(model, opt, sched, ids, pmask, comp, cmask, old, adv, a)
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    before = torch.cat([p.detach().flatten() for p in model0.parameters()])
+    assert not torch.allclose(after[0], before)
+    assert torch.allclose(after[0], after[1], atol=1e-6) and torch.allclose(after[0], after[2], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards and grading
+
+
+def test_format_reward():
+    assert cg.format_reward("<think> a </think> <answer> 3 </answer>") == 1.0
+    assert cg.format_reward("<think> a </think> 3") == 0.5
+    assert cg.format_reward("<think> <think> a </think> <answer> 3 </answer>") == 0.75  # doubled tag
+    assert cg.format_reward("<answer>3</answer><answer>4</answer>") == 0.0
+    assert cg.format_reward("no tags at all") == 0.0
+
+
+@pytest.mark.parametrize("completion, gold, template, expected", [
+    ("<think> 2+2 </think> <answer> 4 </answer>", "4", "r1", 1.0),
+    ("<think> 2+2 </think> <answer> 5 </answer>", "4", "r1", 0.0),
+    ("<think> 2+2 </think> the answer is 4", "4", "r1", 0.0),  # r1 grades only the <answer> tag
+    ("<answer> 3 </answer> wait <answer> 4 </answer>", "4", "r1", 1.0),  # the last answer counts
+    ("<answer> 0.5 </answer>", "\\frac{1}{2}", "r1", 1.0),
+    ("<answer> \\frac{1}{2} </answer>", "\\frac{1}{2}", "r1", 1.0),
+    ("<answer> \\frac{1}{3} </answer>", "\\frac{1}{2}", "r1", 0.0),
+    ("<answer> \\sqrt{2} </answer>", "\\sqrt{2}", "r1", 1.0),  # bare LaTeX inside the tag
+    ("<answer> $\\boxed{12}$ </answer>", "12", "r1", 1.0),
+    (" 37 + 48 = \\boxed{85}", "85", "boxed", 1.0),
+    (" 37 + 48 = \\boxed{84}", "85", "boxed", 0.0),
+    ("so \\boxed{3} no, \\boxed{85}", "85", "boxed", 1.0),
+    ("the answer is \\boxed{\\frac{3}{4}}", "\\dfrac{3}{4}", "boxed", 1.0),
+    ("", "85", "boxed", 0.0),
+    ("\\boxed{__import__('os').system('echo hi')}", "0", "boxed", 0.0),
+])
+def test_accuracy_reward(completion, gold, template, expected):
+    assert cg.accuracy_reward(completion, gold, template) == expected
+
+
+def test_last_boxed_balances_braces():
+    assert cg.last_boxed("so $\\boxed{\\frac{1}{2}}$ and") == "\\frac{1}{2}"
+    assert cg.last_boxed("\\boxed{1} then \\boxed{2}") == "2"
+    assert cg.last_boxed("no box") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole loop on the tiny world
+
+
+def flat_params(path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+REQUIRED_KEYS = {"iteration", "time/step", "time/generate", "time/score", "time/update_small", "time/update_large"}
+
+
+@pytest.mark.parametrize("algo, extra, changed, frozen, prefix", [
+    ("codistill", [], ["small", "large"], [], ["small", "large"]),
+    ("kdrl", [], ["small"], ["large"], ["small"]),
+    ("grpo", ["--policy", "small"], ["policy"], [], ["policy"]),
+    ("grpo", ["--policy", "large"], ["policy"], [], ["policy"]),
+])
+def test_two_iterations_of_each_algo(based, tmp_path, algo, extra, changed, frozen, prefix):
+    world = based
+    cg.main(based_argv(based, tmp_path, "--algo", algo, *extra))
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    names = ["policy"] if algo == "grpo" else ["small", "large"]
+    for n in names:
+        assert f"{n}/test_accuracy" in rows[0]
+    for r in rows[1:]:
+        assert REQUIRED_KEYS <= r.keys()
+        for p in prefix:
+            assert {f"{p}/accuracy", f"{p}/loss", f"{p}/grad_norm", f"{p}/test_accuracy"} <= r.keys()
+        assert "small/zero_accuracy_frac" in r or algo == "grpo"
+        assert all(math.isfinite(v) for v in r.values())
+        assert 0 < r[f"{prefix[0]}/accuracy"] < 1  # the reward varies: the check below is not vacuous
+    if algo != "grpo":
+        assert "large/accuracy" in rows[1]
+    ckpt = tmp_path / "checkpoint-2"
+    start = {"small": world["small"], "large": world["large"],
+             "policy": world[extra[1]] if extra else None}
+    for n in changed:
+        assert not torch.allclose(flat_params(ckpt / n), flat_params(start[n])), f"{n} did not change"
+    for n in frozen:
+        assert not (ckpt / n).exists()  # kdrl's large model is an input, not an output
+    if algo == "kdrl":
+        assert rows[2]["time/update_large"] == 0.0
+
+
+def test_kdrl_leaves_the_large_model_untouched(based, tmp_path, monkeypatch):
+    seen = {}
+    real_train = cg.train
+
+    def spy(a):
+        seen["models"] = real_train(a)
+        return seen["models"]
+    monkeypatch.setattr(cg, "train", spy)
+    cg.main(based_argv(based, tmp_path, "--algo", "kdrl"))
+    large = torch.cat([p.detach().flatten() for p in seen["models"]["large"].parameters()])
+    assert torch.equal(large, flat_params(based["large"]))
+    small = torch.cat([p.detach().flatten() for p in seen["models"]["small"].parameters()])
+    assert not torch.equal(small, flat_params(based["small"]))
+
+
+@pytest.mark.parametrize("hint_ratio", ["small", "large", "ignore"])
+def test_hints_in_the_first_epoch(world, tmp_path, hint_ratio):
+    cg.main(tiny_argv(world, tmp_path, "--hint_tokens", "4", "--hint_ratio", hint_ratio, "--eval_size", "0"))
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert 0 < rows[1]["small/hint_length"] <= 4
+    assert rows[1]["small/completion_length"] <= 16
+
+
+def test_rollout_with_hints_starts_with_the_large_models_tokens(world, tiny):
+    from transformers import AutoModelForCausalLM
+    tok, small = tiny
+    large = AutoModelForCausalLM.from_pretrained(world["large"], dtype=torch.float32)
+    a = cg.Args(num_samples=3, max_completion_length=10, hint_tokens=4, gen_batch_size=64)
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
+    eos = [tok.eos_token_id]
+    torch.manual_seed(0)
+    comp, mask, hint = cg.rollout(small, large, ids, pmask, a, eos, tok.pad_token_id, hints=True)
+    assert comp.shape[0] == 6 and comp.shape[1] <= 10
+    assert (hint.sum(1) <= 4).all() and (hint <= mask).all()
+    # the hint is what the large model samples under the same seed
+    torch.manual_seed(0)
+    expected = cg.sample(large, ids.repeat_interleave(3, 0), pmask.repeat_interleave(3, 0), 4, 1.0, eos,
+                         tok.pad_token_id, 64)
+    for row, h, e in zip(comp, hint, expected):
+        n = h.sum().item()
+        assert torch.equal(row[:n], e[:n])
+
+
+def test_checkpoints_load_with_from_pretrained_alone(world, tmp_path):
+    cg.main(tiny_argv(world, tmp_path, "--eval_size", "0", "--save_every", "1"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for it in [1, 2]:
+        for n in ["small", "large"]:
+            path = tmp_path / f"checkpoint-{it}" / n
+            AutoModelForCausalLM.from_pretrained(path)
+            assert AutoTokenizer.from_pretrained(path).eos_token_id is not None
+        assert json.load(open(tmp_path / f"checkpoint-{it}" / "args.json"))["iteration"] == it
+
+
+def test_preset_sets_defaults_and_flags_override():
+    a = cg.parse_args(["--preset", "paper-llama", "--num_samples", "16"])
+    assert (a.template, a.lr_small, a.group_size, a.num_samples) == ("boxed", 1e-7, 8, 16)
+    a = cg.parse_args([])
+    assert (a.num_samples, a.group_size, a.max_completion_length, a.lr_small, a.epochs) == (14, 8, 3072, 5e-6, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the flag or the row, status 2, before any model is loaded
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(cg, "load_model", boom)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--group_size", "3", "--num_samples", "4"], "--group_size"),
+    (["--group_size", "6", "--num_samples", "4"], "--group_size G=6 must be <= --num_samples M=4"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--hint_tokens", "16"], "--hint_tokens"),
+    (["--hint_tokens", "2", "--algo", "grpo"], "--hint_tokens"),
+])
+def test_bad_settings_exit_2(world, tmp_path, capsys, no_models, flags, message):
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, tmp_path, *flags))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags", [["--preset", "huge"], ["--algo", "ppo"]])
+def test_unknown_preset_or_algo_exit_2(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        cg.main(flags)
+    assert e.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_dataset_row_without_answer_exit_2(world, tmp_path, capsys, no_models):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "What is 1 + 1", "answer": "2"}\n{"problem": "What is 2 + 2"}\n')
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, tmp_path, "--dataset", str(bad)))
+    assert e.value.code == 2 and "row 1" in capsys.readouterr().err
+
+
+def test_tokenizers_that_differ_exit_2(world, tmp_path, capsys, no_models):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(world["large"], other)
+    tok = cg.load_tokenizer(str(other))
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, tmp_path, "--large_model", str(other)))
+    assert e.value.code == 2 and "--large_model" in capsys.readouterr().err
+
+
+def test_command_line_exit_status_and_help():
+    script = os.path.join(HERE, "codistill_grpo.py")
+    bad = subprocess.run([sys.executable, script, "--group_size", "7"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --group_size")
+    help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0
+    for flag, symbol in [("--num_samples", "M:"), ("--group_size", "G:"), ("--max_completion_length", "N:"),
+                         ("--hint_tokens", "T:"), ("--alpha", "alpha:"), ("--clip_eps", "eps:")]:
+        assert flag in help_.stdout and symbol in help_.stdout
