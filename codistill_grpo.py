@@ -704,6 +704,8 @@ def train(a):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # per-shard bars would drown ours
     check_args(a)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # 8 unsynchronised copies would be silently wrong
+        raise BadInput("torchrun with WORLD_SIZE > 1 is not supported yet: this version trains in one process")
     resolve_tiny(a)
     # everything the user can get wrong is checked before any model is loaded
     train_rows = training_problems(a.dataset)
