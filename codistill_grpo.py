@@ -229,12 +229,13 @@ def last_boxed(text):
     return None
 
 
-# Hub datasets we know how to read: id -> (config, splits, problem column, answer function of the row)
+# Hub datasets we know how to read: id -> (config, {use: splits}, problem column, answer of a row). Any other id
+# is read with its default config, split 'train' or 'test', and columns 'problem' and 'answer'.
 HUB_DATASETS = {
-    "DigitalLearningGmbH/MATH-lighteval": ("default", ["train", "test"], "problem",
+    "DigitalLearningGmbH/MATH-lighteval": ("default", {"train": ["train", "test"], "test": ["test"]}, "problem",
                                            lambda row: last_boxed(row["solution"])),
-    "HuggingFaceH4/MATH-500": ("default", ["test"], "problem", lambda row: row["answer"]),
-    "openai/gsm8k": ("main", ["train"], "question",
+    "HuggingFaceH4/MATH-500": ("default", {"train": ["test"], "test": ["test"]}, "problem", lambda row: row["answer"]),
+    "openai/gsm8k": ("main", {"train": ["train"], "test": ["test"]}, "question",
                      lambda row: row["answer"].split("####")[-1].strip().replace(",", "")),
 }
 MATH500_ID = "HuggingFaceH4/MATH-500"
@@ -252,14 +253,13 @@ def load_problems(name, split="train"):
         where = name
     else:
         import datasets
-        config, splits, pcol, answer_of = HUB_DATASETS.get(name, (None, [split], "problem", lambda r: r["answer"]))
-        if name == "openai/gsm8k" and split == "test":
-            splits = ["test"]
+        config, splits, pcol, answer_of = HUB_DATASETS.get(name, (None, {}, "problem", lambda r: r["answer"]))
+        splits = splits.get(split, [split])
         try:
             parts = [datasets.load_dataset(name, config, split=s) for s in splits]
         except Exception as e:
             raise BadInput(f"dataset {name}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        rows = [{"problem": r.get(pcol), "answer": answer_of(r) if pcol in r else None} for p in parts for r in p]
+        rows = [{"problem": r.get(pcol), "answer": answer_or_none(answer_of, r)} for p in parts for r in p]
         where = f"{name} ({'+'.join(splits)})"
     if not isinstance(rows, list) or not rows:
         raise BadInput(f"dataset {where}: no rows")
@@ -268,6 +268,13 @@ def load_problems(name, split="train"):
             raise BadInput(f"dataset {where}: row {i} has no 'problem' or no 'answer'")
     rows = [{"problem": str(r["problem"]), "answer": str(r["answer"])} for r in rows]
     return rows
+
+
+def answer_or_none(answer_of, row):
+    try:
+        return answer_of(row)
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def training_problems(name):
@@ -457,7 +464,7 @@ def encode_prompts(tokenizer, problems, template, max_prompt_length, device):
 
 
 def completion_mask(completion_ids, eos_ids):
-    """1 on every token up to and including the first EOS, 0 after it (and everywhere after N if none).
+    """1 on every token up to and including the first EOS, 0 after it; all 1 when there is no EOS (truncated).
 
     Built from positions: the tokens after the first EOS are masked whatever they are, so pad == EOS is fine.
     """
@@ -649,23 +656,33 @@ def update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, adv
 
 
 @torch.inference_mode()
-def heldout_accuracy(model, tokenizer, rows, a, eos_ids, device):
-    """Greedy accuracy on held-out problems (the paper's Figure 3)."""
+def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_length, eos_ids, batch_size,
+             temperature=0.0):
+    """Completion texts (up to the first EOS) for a list of problems: greedy when temperature == 0, else sampled
+    at that temperature with top_k=0, top_p=1. Shared by the trainer's held-out accuracy and eval.py."""
     from transformers import GenerationConfig
     was_training = model.training
     model.eval()
-    config = GenerationConfig(do_sample=False, max_new_tokens=a.max_completion_length, eos_token_id=eos_ids,
-                              pad_token_id=tokenizer.pad_token_id)
-    correct = 0.0
-    for i in range(0, len(rows), a.gen_batch_size):
-        batch = rows[i:i + a.gen_batch_size]
-        ids, mask = encode_prompts(tokenizer, [r["problem"] for r in batch], a.template, a.max_prompt_length, device)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                              **sampling)
+    device = next(model.parameters()).device
+    texts = []
+    for i in tqdm(range(0, len(problems), batch_size), desc="generating", leave=False,
+                  disable=len(problems) <= batch_size):
+        ids, mask = encode_prompts(tokenizer, problems[i:i + batch_size], template, max_prompt_length, device)
         comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
-        comp = comp * completion_mask(comp, eos_ids)  # drop what follows the first EOS before decoding
-        texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
-        correct += sum(accuracy_reward(t, r["answer"], a.template) for t, r in zip(texts, batch))
+        comp = comp * completion_mask(comp, eos_ids)  # what follows the first EOS is not part of the answer
+        texts += tokenizer.batch_decode(comp, skip_special_tokens=True)
     model.train(was_training)
-    return correct / len(rows)
+    return texts
+
+
+def heldout_accuracy(model, tokenizer, rows, a, eos_ids):
+    """Greedy accuracy on held-out problems (the paper's Figure 3)."""
+    texts = complete(model, tokenizer, [r["problem"] for r in rows], a.template, a.max_completion_length,
+                     a.max_prompt_length, eos_ids, a.gen_batch_size)
+    return sum(accuracy_reward(t, r["answer"], a.template) for t, r in zip(texts, rows)) / len(rows)
 
 
 def save_checkpoint(models, tokenizer, a, iteration):
@@ -743,13 +760,13 @@ def train(a):
         metrics_file.flush()
         report(row, row["iteration"])
 
-    def evaluate(iteration, names_):
-        return {f"{prefix[n]}/test_accuracy": heldout_accuracy(models[n], tokenizer, eval_rows, a, eos_ids, device)
+    def evaluate(names_):
+        return {f"{prefix[n]}/test_accuracy": heldout_accuracy(models[n], tokenizer, eval_rows, a, eos_ids)
                 for n in names_} if eval_rows else {}
 
     print(f"algo {a.algo}: training {', '.join(trained)} for {total_steps} iterations "
           f"({len(train_rows)} problems, B={a.batch_size}, M={a.num_samples}, G={a.group_size}) -> {a.output_dir}")
-    row = dict(iteration=0, **evaluate(0, needs))
+    row = dict(iteration=0, **evaluate(needs))
     log(row)
     print(" ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iteration"))
 
@@ -837,7 +854,7 @@ def train(a):
                                      logp_small_old[flat], adv_large, a)
                 m.update({f"large/{k}": v for k, v in stats_large.items()})
                 m["time/update_large"] = time.perf_counter() - t
-        p = prefix[needs[0]] if a.algo == "grpo" else "small"
+        p = "policy" if a.algo == "grpo" else "small"  # the model whose rollouts these are
         m.update({f"{p}/{k}": v for k, v in stats.items()})
 
         # metrics of the iteration's rollouts
@@ -848,9 +865,8 @@ def train(a):
         if a.template == "r1":
             m[f"{p}/format_reward"] = fmt.mean().item()
         m[f"{p}/completion_length"] = lengths.mean().item()
-        m[f"{p}/truncated_frac"] = (comp.shape[1] == lengths).logical_and(mask[:, -1] == 1).logical_and(
-            ~torch.isin(comp[:, -1], torch.tensor(eos_ids, device=device))).float().mean().item()
-        m[f"{p}/kept_accuracy"] = acc[flat].mean().item()
+        ended = torch.isin(comp, torch.tensor(eos_ids, device=device)).any(1)  # (B*M,)
+        m[f"{p}/truncated_frac"] = 1.0 - ended.float().mean().item()  # stopped at N tokens without EOS
         if a.algo != "grpo":
             m["large/accuracy"] = acc[flat].mean().item()  # the rollouts the large model learns from
         if hints:
@@ -859,7 +875,7 @@ def train(a):
         m["tokens_per_s"] = lengths.sum().item() / max(m["time/generate"], 1e-9)
 
         if (a.eval_every and it % a.eval_every == 0) or it == total_steps:
-            m.update(evaluate(it, trained))
+            m.update(evaluate(trained))
         if (a.save_every and it % a.save_every == 0) or it == total_steps:
             save_checkpoint({prefix[n]: models[n] for n in trained}, tokenizer, a, it)
         log(m)
