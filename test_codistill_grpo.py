@@ -326,6 +326,39 @@ def test_kdrl_leaves_the_large_model_untouched(based, tmp_path, monkeypatch):
     assert not torch.equal(small, flat_params(based["small"]))
 
 
+def test_codistill_wiring_of_old_logprobs_and_advantages(based, tmp_path, monkeypatch):
+    """Both steps divide by the small model's old log-probs (Eq. (5) and Eq. (10)); the small step's advantages
+    are centred per group (Eq. (7)), the large step's are centred and scaled (Eq. (3)), and they differ (KD)."""
+    scores, updates = [], []
+    real_score, real_update = cg.score, cg.update
+
+    def spy_score(model, *args):
+        out = real_score(model, *args)
+        scores.append((model, out))
+        return out
+
+    def spy_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a):
+        updates.append((model, logp_old.clone(), advantages.clone()))
+        return real_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a)
+    monkeypatch.setattr(cg, "score", spy_score)
+    monkeypatch.setattr(cg, "update", spy_update)
+    cg.main(based_argv(based, tmp_path, "--max_steps", "1", "--eval_size", "0", "--alpha", "2"))
+    (small, logp_small_old), (large, logp_large_old) = scores
+    (m1, old1, adv1), (m2, old2, adv2) = updates
+    assert m1 is small and m2 is large and small is not large
+    assert torch.equal(old1, old2)  # rho = pi_theta / pi_phi_old for the large model, Eq. (10)
+    small_rows = {tuple(r.tolist()) for r in logp_small_old}
+    assert all(tuple(r.tolist()) in small_rows for r in old2)  # kept rows of the small model's scores
+    assert not torch.allclose(logp_small_old, logp_large_old)
+    B, G = 2, 4
+    assert torch.allclose(adv1.view(B, G).mean(1), torch.zeros(B), atol=1e-6)  # Eq. (7): centred, not scaled
+    assert torch.allclose(adv2.view(B, G).mean(1), torch.zeros(B), atol=1e-6)
+    for group in adv2.view(B, G):  # Eq. (3): unit (unbiased) std where the rewards differ
+        if group.abs().sum() > 0:
+            assert group.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert not torch.allclose(adv1, adv2)  # the KD term changes the small model's advantages
+
+
 @pytest.mark.parametrize("hint_ratio", ["small", "large", "ignore"])
 def test_hints_in_the_first_epoch(world, tmp_path, hint_ratio):
     cg.main(tiny_argv(world, tmp_path, "--hint_tokens", "4", "--hint_ratio", hint_ratio, "--eval_size", "0"))
