@@ -322,9 +322,10 @@ def build_tiny_tokenizer(rows):
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     corpus = [TEMPLATES[t].format(prompt=r["problem"]) + tiny_solution(r) for t in TEMPLATES for r in rows[:2000]]
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[TINY_EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens([TINY_EOS])  # last id, as in Qwen: id 0 is an ordinary token ("!")
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_EOS, pad_token=TINY_EOS)
 
 
@@ -354,7 +355,7 @@ def build_tiny_world(cache_dir, seed, warmup_steps=(0, 0)):
     """Build once (cached, keyed by its settings) the tiny tokenizer, data and models, warmed up for
     warmup_steps = (small, large) supervised steps -> paths {'small', 'large', 'train', 'test'}."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    settings = [TINY_CONFIGS, seed, list(warmup_steps), TINY_WARMUP_LR]
+    settings = [TINY_CONFIGS, seed, list(warmup_steps), TINY_WARMUP_LR, "v2"]  # bump when the world changes
     key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]
     root = os.path.join(cache_dir, f"tiny-{key}")
     paths = {name: os.path.join(root, name) for name in ["small", "large"]}
@@ -433,7 +434,10 @@ def load_model(name, dtype, device, gradient_checkpointing):
         bos_token_id=model.config.bos_token_id, eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=model.generation_config.pad_token_id)
     if gradient_checkpointing:  # active only in train mode: generation (eval mode) keeps its KV cache
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(dict(use_reentrant=False))
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     return model
 
 
@@ -490,6 +494,11 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
         outs.append(out[:, P:])
     model.train(was_training)
     return pad_right(outs, pad_id)
+
+
+def decode(tokenizer, completion_ids, mask):
+    """Texts of the completions, each up to its mask's length (so up to and including its first EOS)."""
+    return [tokenizer.decode(c[:n], skip_special_tokens=True) for c, n in zip(completion_ids, mask.sum(1).tolist())]
 
 
 def pad_right(seqs, pad_id):
@@ -672,8 +681,7 @@ def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_le
                   disable=len(problems) <= batch_size):
         ids, mask = encode_prompts(tokenizer, problems[i:i + batch_size], template, max_prompt_length, device)
         comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
-        comp = comp * completion_mask(comp, eos_ids)  # what follows the first EOS is not part of the answer
-        texts += tokenizer.batch_decode(comp, skip_special_tokens=True)
+        texts += decode(tokenizer, comp, completion_mask(comp, eos_ids))
     model.train(was_training)
     return texts
 
@@ -796,7 +804,7 @@ def train(a):
 
         # 2. rewards r: accuracy (+ format for r1)
         t = time.perf_counter()
-        texts = tokenizer.batch_decode(comp * mask, skip_special_tokens=True)
+        texts = decode(tokenizer, comp, mask)
         gold = [r["answer"] for r in batch for _ in range(M)]
         acc = torch.tensor([accuracy_reward(x, y, a.template) for x, y in zip(texts, gold)], device=device)  # (B*M,)
         fmt = torch.tensor([format_reward(x) if a.template == "r1" else 0.0 for x in texts], device=device)

@@ -130,12 +130,21 @@ def test_policy_loss_is_mean_over_sequences_and_divides_by_constant_n():
 
 
 def test_completion_mask_when_pad_equals_eos():
-    eos = 0  # the tiny tokenizer's EOS is also its pad
+    eos = 0  # pad == EOS
     comp = torch.tensor([[5, 6, eos, eos, eos],
                          [5, eos, 7, eos, eos],
                          [5, 6, 7, 8, 9]])
     assert cg.completion_mask(comp, [eos]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert cg.completion_mask(torch.tensor([[9, 3, 4]]), [3, 4]).tolist() == [[1, 1, 0]]  # any of several EOS
+
+
+def test_decode_stops_at_the_mask_whatever_follows(tiny):
+    tok, _ = tiny
+    a, b = tok("12")["input_ids"], tok(" + 3")["input_ids"]
+    assert tok.convert_ids_to_tokens(0) != tok.eos_token  # id 0 is an ordinary token, as in Qwen
+    comp = torch.tensor([a + [tok.eos_token_id] + b, a + b + [0]])
+    mask = cg.completion_mask(comp, [tok.eos_token_id])
+    assert cg.decode(tok, comp, mask) == ["12", "12 + 3" + tok.decode([0])]
 
 
 def test_generated_eos_is_inside_the_mask(tiny):
@@ -223,6 +232,37 @@ def test_loss_scale_does_not_depend_on_micro_batch_size(tiny):
     before = torch.cat([p.detach().flatten() for p in model0.parameters()])
     assert not torch.allclose(after[0], before)
     assert torch.allclose(after[0], after[1], atol=1e-6) and torch.allclose(after[0], after[2], atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_step(world, tiny):
+    import copy
+    tok, _ = tiny
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
+    comp = torch.randint(1, len(tok) - 1, (2, 6))
+    cmask = torch.ones_like(comp)
+    after = []
+    for gc in [False, True]:
+        model = cg.load_model(world["small"], torch.float32, "cpu", gc)
+        with torch.no_grad():
+            old = cg.token_logprobs(model, ids, pmask, comp, cmask, 1.0, 64) - 0.1
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        a = cg.Args(micro_batch_size=2, max_completion_length=6, max_grad_norm=1e9)
+        cg.update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ids, pmask, comp, cmask, old,
+                  torch.tensor([1.0, -1.0]), a)
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(after[0], after[1], atol=1e-6)
+
+
+def test_models_with_differently_padded_vocabularies_train_together(based, tmp_path):
+    from transformers import AutoModelForCausalLM
+    padded = tmp_path / "large_padded"
+    model = AutoModelForCausalLM.from_pretrained(based["large"])
+    model.resize_token_embeddings(model.config.vocab_size + 64)  # as Qwen2.5-7B's 152,064 vs 1.5B's 151,936
+    model.save_pretrained(padded)
+    cg.load_tokenizer(based["large"]).save_pretrained(padded)
+    cg.main(based_argv(based, tmp_path / "run", "--max_steps", "1", "--eval_size", "0", "--large_model", str(padded)))
+    row = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")][-1]
+    assert math.isfinite(row["small/kd_reward"]) and math.isfinite(row["large/loss"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,374 @@
+"""
+eval.py: score checkpoints like the paper's Tables 1 and 2, and draw Figures 1, 3 and 4 from training runs.
+
+Benchmarks (greedy by default; with --temperature and --seeds K, mean ± std over K sampled runs):
+    python eval.py Qwen/Qwen2.5-Math-1.5B runs/codistill/checkpoint-1560/small    # minerva,math500,amc23,olympiadbench
+    python eval.py MODEL --benchmarks math500,gsm8k,my_problems.jsonl --temperature 0.6 --seeds 5 --out scores.json
+    python eval.py BASE_MODEL runs/tiny/checkpoint-30/small --benchmarks toy       # offline: the tiny preset's held-out set
+
+Training runs (each RUN_DIR's metrics.jsonl -> a summary table and PNG plots):
+    python eval.py --runs runs/tiny runs/tiny-grpo --plot_dir plots
+
+MODEL is a checkpoint folder (RUN/checkpoint-K/small, large or policy) or a hub id; the first MODEL is the baseline
+that the Average column's change is measured against. A benchmark is a name in BENCHMARKS below, `toy`, or a local
+JSON/JSONL file with 'problem' and 'answer'. The template, max new tokens and max prompt length default to what the
+checkpoints' training run recorded (RUN/checkpoint-K/args.json). Prompts, graders, loaders and generation are those
+of codistill_grpo.py.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from unittest import mock
+
+import torch
+
+import codistill_grpo as cg
+
+# name -> (column title, hub id, config, split, problem column, answer column). The answer column may hold a list
+# (OlympiadBench: the first element is used) or GSM8K's worked solution (the number after '####' is used).
+BENCHMARKS = {
+    "minerva": ("Minerva", "math-ai/minervamath", None, "test", "question", "answer"),
+    "math500": ("MATH500", "HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
+    "amc23": ("AMC23", "math-ai/amc23", None, "test", "question", "answer"),
+    "olympiadbench": ("OlympiadBench", "math-ai/olympiadbench", None, "test", "question", "final_answer"),
+    "gsm8k": ("GSM8K", "openai/gsm8k", "main", "test", "question", "answer"),
+}
+PHASES = ["generate", "reward", "score", "update_small", "update_large"]  # time/<phase> in metrics.jsonl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmarks
+
+
+def gold_answer(value):
+    """A benchmark's answer cell -> the gold answer string (a list: its first element; GSM8K: after '####')."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if isinstance(value, str) and "####" in value:
+        value = value.split("####")[-1].strip().replace(",", "")
+    return value
+
+
+def load_benchmark(name):
+    """-> rows [{'problem', 'answer'}]; cg.BadInput with a one-line message when it cannot be loaded."""
+    if name == "toy":
+        return cg.tiny_problems(0)[1]  # seed 0: the tiny preset's default
+    if name in BENCHMARKS:
+        _, hub_id, config, split, pcol, acol = BENCHMARKS[name]
+        spec = (config, {"test": [split]}, pcol, lambda row: gold_answer(row[acol]))
+        with mock.patch.dict(cg.HUB_DATASETS, {hub_id: spec}):  # codistill_grpo's loader, told these columns
+            return cg.load_problems(hub_id, "test")
+    if name.endswith((".json", ".jsonl")) and not os.path.isfile(name):
+        raise cg.BadInput(f"{name}: no such file")
+    return cg.load_problems(name, "test")  # a local file, or another hub id with 'problem' and 'answer'
+
+
+def title_of(name):
+    return BENCHMARKS[name][0] if name in BENCHMARKS else os.path.basename(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: generation settings and scoring
+
+
+def read_args(folder):
+    """The arguments a training run recorded in folder/args.json (RUN/ or RUN/checkpoint-K/), or {}."""
+    path = os.path.join(folder, "args.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def trained_args(model):
+    """A checkpoint's training arguments (RUN/checkpoint-K/args.json beside its model folder); {} for a hub id."""
+    return read_args(os.path.dirname(os.path.normpath(model))) if os.path.isdir(model) else {}
+
+
+def setting(flag, key, recorded, toy_only):
+    """The flag when given; else the first value recorded by the models' runs; else the tiny preset's when every
+    benchmark is toy; else the paper's default (codistill_grpo.Args). One value for the whole table."""
+    if flag is not None:
+        return flag
+    for args in recorded:
+        if key in args:
+            return args[key]
+    return {**dataclasses.asdict(cg.Args()), **(cg.PRESETS["tiny"] if toy_only else {})}[key]
+
+
+def label_of(args):
+    """'codistill (alpha=1, T=0)', 'grpo (policy=small)', ... from a run's arguments; '' when there are none."""
+    if "algo" not in args:
+        return ""
+    if args["algo"] == "grpo":
+        return f"grpo (policy={args.get('policy', 'small')})"
+    return f"{args['algo']} (alpha={args.get('alpha', 1.0):g}, T={args.get('hint_tokens', 0)})"
+
+
+def score_model(model, tokenizer, rows, s, seed):
+    """Completions of one model on one benchmark (greedy, or sampled with this seed) -> per-problem results."""
+    torch.manual_seed(seed)
+    texts = cg.complete(model, tokenizer, [r["problem"] for r in rows], s["template"], s["max_new_tokens"],
+                        s["max_prompt_length"], cg.eos_ids_of(tokenizer, model), s["batch_size"], s["temperature"])
+    return [dict(problem=r["problem"], gold=r["answer"], completion=t, seed=seed,
+                 correct=cg.accuracy_reward(t, r["answer"], s["template"])) for r, t in zip(rows, texts)]
+
+
+def summarize(accuracies, names):
+    """accuracies: {model: {benchmark: [accuracy in [0, 1] per seed] or None when missing}} -> table rows: per
+    benchmark (mean, std) in percent (population std over seeds), the Average of the means over the benchmarks
+    present, and its change against the first model's Average."""
+    rows = []
+    for model, per in accuracies.items():
+        cells = {b: None if per.get(b) is None else (100 * statistics.mean(per[b]), 100 * statistics.pstdev(per[b]))
+                 for b in names}
+        means = [c[0] for c in cells.values() if c is not None]
+        rows.append(dict(model=model, cells=cells, average=statistics.mean(means) if means else None))
+    for r in rows:
+        base = rows[0]["average"]
+        r["delta"] = None if r is rows[0] or None in (base, r["average"]) else r["average"] - base
+    return rows
+
+
+def markdown(header, lines):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] +
+                     ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def benchmark_table(rows, names, labels):
+    """Tables 1 and 2: a row per model, 'mean ± std' per benchmark, the Average and its change vs the first row."""
+    missing = [title_of(b) for b in names if all(r["cells"][b] is None for r in rows)]
+    lines = []
+    for r in rows:
+        cells = ["missing" if c is None else f"{c[0]:.2f} ± {c[1]:.2f}" for c in r["cells"].values()]
+        avg = "-" if r["average"] is None else f"{r['average']:.2f}"
+        avg += "" if r["delta"] is None else f" ({r['delta']:+.2f})"
+        lines.append([r["model"] + (f" [{labels[r['model']]}]" if labels.get(r["model"]) else "")] + cells + [avg])
+    table = markdown(["Model"] + [title_of(b) for b in names] + ["Average*" if missing else "Average"], lines)
+    return table + (f"\n\n* Average over the benchmarks present; missing: {', '.join(missing)}." if missing else "")
+
+
+def evaluate_models(a):
+    """Score every MODEL on every benchmark -> (table text, JSON-able results, names of missing benchmarks)."""
+    names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
+    if a.temperature == 0 and a.seeds > 1:
+        raise cg.BadInput("--seeds > 1 needs --temperature > 0: greedy decoding gives the same answers every time")
+    if a.seeds < 1 or a.batch_size < 1 or a.limit < 0:
+        raise cg.BadInput("--seeds and --batch_size must be >= 1, --limit >= 0")
+    tokenizers = {m: cg.load_tokenizer(m) for m in a.models}  # bad model names fail before any work
+    problems = {}
+    for b in names:
+        try:
+            problems[b] = load_benchmark(b)[:a.limit or None]
+        except cg.BadInput as e:
+            print(f"error: benchmark {b} is missing: {e}", file=sys.stderr)
+    if not problems:
+        raise cg.BadInput(f"--benchmarks {a.benchmarks}: none could be loaded")
+    recorded = [trained_args(m) for m in a.models]
+    toy_only = set(problems) == {"toy"}
+    s = dict(temperature=a.temperature, batch_size=a.batch_size, seeds=list(range(a.seeds)),
+             template=setting(a.template, "template", recorded, toy_only),
+             max_new_tokens=setting(a.max_new_tokens, "max_completion_length", recorded, toy_only),
+             max_prompt_length=setting(a.max_prompt_length, "max_prompt_length", recorded, toy_only))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    accuracies, results = {}, []
+    for m in a.models:
+        try:
+            model = cg.load_model(m, dtype, device, gradient_checkpointing=False)
+        except Exception as e:
+            raise cg.BadInput(f"model {m}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        accuracies[m] = {b: None for b in names}
+        for b, rows in problems.items():
+            per_seed = [score_model(model, tokenizers[m], rows, s, seed) for seed in s["seeds"]]
+            accuracies[m][b] = [sum(x["correct"] for x in res) / len(res) for res in per_seed]
+            results += [dict(model=m, benchmark=b, **x) for res in per_seed for x in res]
+            print(f"{m} on {b}: {100 * statistics.mean(accuracies[m][b]):.2f}% of {len(rows)} problems")
+        del model
+    rows = summarize(accuracies, names)
+    decoding = "greedy" if a.temperature == 0 else f"sampled at temperature {a.temperature:g}"
+    caption = (f"Accuracy (%), {decoding}, template {s['template']}, at most {s['max_new_tokens']} new tokens: "
+               f"mean ± std (population) over {a.seeds} seed(s); Average: mean of the benchmarks' means, "
+               f"(change against the first row).")
+    labels = {m: label_of(r) for m, r in zip(a.models, recorded)}
+    table = caption + "\n\n" + benchmark_table(rows, names, labels)
+    out = dict(settings=s, benchmarks={b: len(p) for b, p in problems.items()},
+               table=[dict(r, cells={b: None if c is None else dict(mean=c[0], std=c[1], seeds=accuracies[r["model"]][b])
+                                     for b, c in r["cells"].items()}) for r in rows],
+               results=results)
+    return table, out, [b for b in names if b not in problems]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs: metrics.jsonl -> summary and figures
+
+
+def read_metrics(path):
+    """Rows of a metrics.jsonl. A line that is not a JSON object (a run still writing its last line) is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+                rows.append(row)
+    return rows
+
+
+def load_run(run_dir):
+    """-> dict(dir, args, rows, prefix): prefix maps 'small'/'large' to the metric prefix of that model."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise cg.BadInput(f"--runs {run_dir}: no metrics.jsonl there")
+    args = read_args(run_dir)
+    rows = read_metrics(path)
+    grpo = args.get("algo") == "grpo" or any(k.startswith("policy/") for r in rows for k in r)
+    prefix = {args.get("policy", "small"): "policy"} if grpo else {"small": "small", "large": "large"}
+    return dict(dir=run_dir, args=args, rows=rows, prefix=prefix, label=label_of(args) or os.path.basename(run_dir))
+
+
+def series(run, key):
+    """(iterations, values) of the rows that have key."""
+    points = [(r["iteration"], r[key]) for r in run["rows"] if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def mean_of(run, key):
+    values = series(run, key)[1]
+    return statistics.mean(values) if values else None
+
+
+def summarize_run(run):
+    """Final held-out accuracy of each model (first -> last evaluation), mean fraction of zero-accuracy prompts,
+    mean step time and its split by phase."""
+    out = dict(run=run["label"], iterations=max((r["iteration"] for r in run["rows"]), default=0))
+    for model in ["small", "large"]:
+        acc = series(run, f"{run['prefix'][model]}/test_accuracy")[1] if model in run["prefix"] else []
+        out[f"{model}/test_accuracy"] = (acc[0], acc[-1]) if acc else None
+    rollouts = run["prefix"].get("small", "policy")  # the model that wrote the rollouts
+    out["zero_accuracy_frac"] = mean_of(run, f"{rollouts}/zero_accuracy_frac")
+    for phase in ["step"] + PHASES:
+        out[f"time/{phase}"] = mean_of(run, f"time/{phase}")
+    return out
+
+
+def runs_table(summaries):
+    fmt = lambda v, f: "-" if v is None else f.format(v)
+    lines = [[s["run"], str(s["iterations"]),
+              *[fmt(s[f"{m}/test_accuracy"], "{0[0]:.2%} -> {0[1]:.2%}") for m in ["small", "large"]],
+              fmt(s["zero_accuracy_frac"], "{:.2f}"), *[fmt(s[f"time/{p}"], "{:.2f}") for p in ["step"] + PHASES]]
+             for s in summaries]
+    header = ["run", "iterations", "small held-out acc (start -> end)", "large held-out acc (start -> end)",
+              "zero-acc prompts (mean frac)", "step (s)", *[f"{p} (s)" for p in PHASES]]
+    return markdown(header, lines)
+
+
+def plot_runs(runs, plot_dir):
+    """Figure 3 (held-out accuracy vs iteration, per model), Figures 1 and 4 (fraction of prompts with no correct
+    rollout vs iteration), and the mean step time by phase -> paths of the PNGs written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(plot_dir, exist_ok=True)
+    paths = []
+
+    def save(fig, name):
+        paths.append(os.path.join(plot_dir, name))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, model in zip(axes, ["small", "large"]):
+        for run in runs:
+            if model in run["prefix"]:
+                ax.plot(*series(run, f"{run['prefix'][model]}/test_accuracy"), marker="o", label=run["label"])
+        ax.set(title=f"{model} model", xlabel="iteration", ylabel="held-out accuracy")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    save(fig, "test_accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        ax.plot(*series(run, f"{run['prefix'].get('small', 'policy')}/zero_accuracy_frac"), label=run["label"])
+    ax.set(xlabel="iteration", ylabel="fraction of prompts with zero accuracy", ylim=(0, 1))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    save(fig, "zero_accuracy_frac.png")
+
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * len(runs)))
+    left = [0.0] * len(runs)
+    for phase in PHASES + ["other"]:
+        step = [mean_of(run, "time/step") or 0.0 for run in runs]
+        width = [max(s - sum(mean_of(r, f"time/{p}") or 0.0 for p in PHASES), 0.0) if phase == "other"
+                 else mean_of(r, f"time/{phase}") or 0.0 for r, s in zip(runs, step)]
+        ax.barh([r["label"] for r in runs], width, left=left, label=phase)
+        left = [l + w for l, w in zip(left, width)]
+    ax.set(xlabel="mean seconds per iteration")
+    ax.legend(fontsize=8, ncol=3)
+    save(fig, "step_time.png")
+    return paths
+
+
+def evaluate_runs(a):
+    runs = [load_run(d) for d in a.runs]
+    labels = [r["label"] for r in runs]
+    for r in runs:  # two runs with the same settings are told apart by their folder
+        r["label"] += f" [{os.path.basename(os.path.normpath(r['dir']))}]" if labels.count(r["label"]) > 1 else ""
+    summaries = [summarize_run(r) for r in runs]
+    return runs_table(summaries), summaries, plot_runs(runs, a.plot_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("models", nargs="*", metavar="MODEL", help="checkpoint folders or hub ids; the first is the baseline")
+    p.add_argument("--benchmarks", default="minerva,math500,amc23,olympiadbench",
+                   help=f"comma-separated: {', '.join(BENCHMARKS)}, toy, or local JSON/JSONL files (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N problems of each benchmark; 0 = all")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples (top_k=0, top_p=1)")
+    p.add_argument("--seeds", type=int, default=1, help="K sampled runs per benchmark (seeds 0..K-1), with --temperature")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default: the checkpoints' N, else the paper's 3072")
+    p.add_argument("--max_prompt_length", type=int, default=None, help="default: the checkpoints', else the paper's 1024")
+    p.add_argument("--batch_size", type=int, default=64, help="problems per generate call (default: %(default)s)")
+    p.add_argument("--template", choices=list(cg.TEMPLATES), default=None,
+                   help="prompt template; default: the checkpoints' (args.json), else boxed for toy only, else r1")
+    p.add_argument("--out", default=None, help="write the table rows and the per-problem results to this JSON file")
+    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR", help="training runs to summarize and plot")
+    p.add_argument("--plot_dir", default="plots", help="where the --runs PNGs go (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        if not a.models and not a.runs:
+            raise cg.BadInput("give MODEL checkpoints or hub ids to score, or --runs RUN_DIR to summarize")
+        out, missing = {}, []
+        if a.runs:
+            table, out["runs"], plots = evaluate_runs(a)
+            print(table + "\n\nplots: " + ", ".join(plots))
+        if a.models:
+            table, out["models"], missing = evaluate_models(a)
+            print(table)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(out, f, indent=1)
+            print(f"wrote {a.out}")
+        if missing:
+            raise cg.BadInput(f"benchmark {', '.join(missing)} could not be loaded (marked missing in the table)")
+    except cg.BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
