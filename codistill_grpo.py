@@ -44,6 +44,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
+GRADE_TIMEOUT_S = 5.0  # default hard limit of one grading call, in seconds
+
+
 class BadInput(Exception):
     """Bad user input: main() prints the one-line message and exits with status 2."""
 
@@ -108,6 +111,13 @@ class Args:
                      choices=["auto", "float32", "bfloat16"])
     seed: int = arg(0, "random seed (data order, sampling, initialisation of the tiny world)")
     save_every: int = arg(100, "save a checkpoint every this many iterations (and at the end); 0 = only at the end")
+    keep_checkpoints: int = arg(3, "keep only the newest this many checkpoints; 0 keeps all")
+    resume: str = arg("", "continue a run: alone, from the newest complete checkpoint in --output_dir; or from PATH "
+                      "(a checkpoint or run folder). Its saved arguments are the defaults; flags given still win",
+                      nargs="?", const="latest")
+    overwrite: bool = arg(False, "start afresh in an --output_dir that already holds a run (its files are deleted)")
+    grade_timeout: float = arg(GRADE_TIMEOUT_S, "hard time limit of one grading call in seconds; past it the answer "
+                               "scores 0 and is counted")
     report_to: str = arg("none", "also log to tensorboard or wandb", choices=["none", "tensorboard", "wandb"])
 
 
@@ -132,16 +142,25 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    """Args from the command line: dataclass defaults < preset < flags given."""
+    """Args from the command line: dataclass defaults < preset < (with --resume) the run's saved args < flags given."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     for f in dataclasses.fields(Args):
         kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"), default=argparse.SUPPRESS)
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(f"--{f.name}", type=f.type, choices=f.metadata.get("choices"), **kw)
+            extra = {k: f.metadata[k] for k in ["choices", "nargs", "const"] if k in f.metadata}
+            p.add_argument(f"--{f.name}", type=f.type, **extra, **kw)
     given = vars(p.parse_args(argv))
-    return Args(**{**PRESETS[given.get("preset", "")], **given})
+    base = PRESETS[given.get("preset", "")]
+    if given.get("resume"):
+        output_dir = given.get("output_dir", base.get("output_dir", Args.output_dir))
+        ckpt = find_checkpoint(output_dir if given["resume"] == "latest" else given["resume"])
+        with open(os.path.join(ckpt, "args.json")) as f:
+            base = {k: v for k, v in json.load(f).items() if k in {f.name for f in dataclasses.fields(Args)}}
+        base.update(output_dir=os.path.dirname(os.path.abspath(ckpt)), resume=ckpt)
+        given.pop("resume")
+    return Args(**{**base, **given})
 
 
 def check_args(a):
@@ -164,7 +183,10 @@ def check_args(a):
     for name in ["batch_size", "micro_batch_size", "gen_batch_size", "logprob_chunk", "epochs", "max_prompt_length"]:
         if getattr(a, name) < 1:
             raise BadInput(f"--{name} must be >= 1, got {getattr(a, name)}")
-    for name in ["max_steps", "eval_size", "eval_every", "save_every", "tiny_warmup_small", "tiny_warmup_large"]:
+    if a.grade_timeout <= 0:
+        raise BadInput(f"--grade_timeout must be > 0, got {a.grade_timeout}")
+    for name in ["max_steps", "eval_size", "eval_every", "save_every", "keep_checkpoints", "tiny_warmup_small",
+                 "tiny_warmup_large"]:
         if getattr(a, name) < 0:
             raise BadInput(f"--{name} must be >= 0, got {getattr(a, name)}")
 
@@ -182,23 +204,32 @@ TEMPLATES = {
 }
 FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-GRADE_TIMEOUT_S = 5  # math-verify's own limits, per parse and per verify
-
-
 def format_reward(completion):
     """r1 template: 0.25 for each of the four tags that appears exactly once -> float in [0, 1]."""
     return 0.25 * sum(completion.count(tag) == 1 for tag in FORMAT_TAGS)
 
 
-def accuracy_reward(completion, gold, template):
-    """1.0 when the completion's final answer equals the gold answer (math-verify), else 0.0. Never raises.
+def accuracy_reward(completion, gold, template, timeout=GRADE_TIMEOUT_S):
+    """1.0 when the completion's final answer equals the gold answer (math-verify), else 0.0. Never raises, never
+    hangs: grading runs in a worker process that is killed past `timeout` seconds (math-verify's own SIGALRM
+    cannot stop a hang inside C code, e.g. \\boxed{9^{9^{9^{9}}}}), and then the answer scores 0.0."""
+    grader = grading_worker()
+    grader["conn"].send((completion, gold, template, max(1, int(timeout))))
+    if grader["conn"].poll(timeout):
+        return grader["conn"].recv()
+    grader["process"].kill()  # a hang: the next call starts a fresh worker
+    grader["process"].join()
+    grader["timeouts"] += 1
+    grader.pop("process")
+    return 0.0
 
-    The final answer is extracted first: r1, the text inside the last <answer>...</answer>; boxed, the content of
-    the last \\boxed{} (math-verify alone would take the first). It is wrapped in $...$ when it has no delimiters,
-    since math-verify does not parse bare LaTeX reliably. Model text goes only to math-verify's parser, never to
-    eval, sympify or parse_expr.
-    """
-    from math_verify import parse, verify
+
+def grade(completion, gold, template, soft_timeout=int(GRADE_TIMEOUT_S)):
+    """The grader itself (runs in the worker, where math-verify's own SIGALRM limits are a first, soft line). The final answer is extracted first: r1, the text inside the last
+    <answer>...</answer>; boxed, the content of the last \\boxed{} (math-verify alone would take the first). It is
+    wrapped in $...$ when it has no delimiters and parsed as LaTeX only: math-verify's plain-expression parser
+    would hand model text to sympy's parse_expr, which calls eval."""
+    from math_verify import LatexExtractionConfig, parse, verify
     if template == "r1":
         answers = ANSWER_TAG.findall(completion)
         answer = answers[-1].strip() if answers else None
@@ -208,12 +239,39 @@ def accuracy_reward(completion, gold, template):
         return 0.0
     if "$" not in answer and "\\boxed" not in answer:
         answer = f"${answer}$"
+    latex = [LatexExtractionConfig()]
     try:
-        gold_parsed = parse(f"${gold}$", parsing_timeout=GRADE_TIMEOUT_S)
-        pred_parsed = parse(answer, parsing_timeout=GRADE_TIMEOUT_S)
-        return float(verify(gold_parsed, pred_parsed, timeout_seconds=GRADE_TIMEOUT_S))
+        gold_parsed = parse(f"${gold}$", extraction_config=latex, parsing_timeout=soft_timeout)
+        pred_parsed = parse(answer, extraction_config=latex, parsing_timeout=soft_timeout)
+        return float(verify(gold_parsed, pred_parsed, timeout_seconds=soft_timeout))
     except Exception:  # math-verify raises on pathological input; a wrong answer is the right score for it
         return 0.0
+
+
+GRADER = {"timeouts": 0}  # the grading worker process, started on first use; "timeouts" counts kills
+
+
+def grading_worker():
+    if "process" not in GRADER:
+        import multiprocessing as mp
+        import math_verify  # noqa: F401  (imported before forking, so a restarted worker is ready at once)
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        GRADER["conn"], child = ctx.Pipe()
+        GRADER["process"] = ctx.Process(target=grading_loop, args=(child, GRADER["conn"], os.getpid()), daemon=True)
+        GRADER["process"].start()
+        child.close()
+    return GRADER
+
+
+def grading_loop(conn, parent_end, parent_pid):
+    parent_end.close()  # a forked worker inherits the trainer's end too; holding it would hide the trainer's death
+    while os.getppid() == parent_pid:  # a killed trainer (even SIGKILL) takes its grader with it
+        if conn.poll(1.0):
+            try:
+                job = conn.recv()
+            except EOFError:
+                return
+            conn.send(grade(*job))
 
 
 def last_boxed(text):
@@ -652,12 +710,16 @@ def update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, adv
             stats["tokens"] += m.sum().item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm).item()
     lr = sched.get_last_lr()[0]
-    opt.step()
+    skipped = not math.isfinite(grad_norm)  # a NaN/inf loss or gradient: skip the step, keep the weights
+    if skipped:
+        tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); this model's step is skipped")
+    else:
+        opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     n = max(stats["tokens"], 1.0)
     return dict(loss=stats["loss"], ratio_mean=stats["ratio_sum"] / n, ratio_max=stats["ratio_max"],
-                clip_frac=stats["clipped"] / n, grad_norm=grad_norm, lr=lr)
+                clip_frac=stats["clipped"] / n, grad_norm=grad_norm, lr=lr, skipped_step=float(skipped))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -693,19 +755,120 @@ def heldout_accuracy(model, tokenizer, rows, a, eos_ids):
     return sum(accuracy_reward(t, r["answer"], a.template) for t, r in zip(texts, rows)) / len(rows)
 
 
-def save_checkpoint(models, tokenizer, a, iteration):
-    """OUTPUT_DIR/checkpoint-<iteration>/<name>/: Hugging Face folders, written aside and renamed into place."""
+def rng_state():
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+
+
+def save_checkpoint(models, optims, tokenizer, a, iteration):
+    """OUTPUT_DIR/checkpoint-<iteration>/: a Hugging Face folder per trained model, trainer_state.pt (optimizers,
+    schedulers, RNG states, iteration) and args.json; written aside and renamed into place, then the `latest`
+    pointer, then older checkpoints beyond --keep_checkpoints are removed. A crash at any point leaves the
+    previous checkpoint whole."""
+    for name, model in models.items():  # NaN weights never reach a checkpoint
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise RuntimeError(f"the {name} model has non-finite weights at iteration {iteration}: not saved")
     final = os.path.join(a.output_dir, f"checkpoint-{iteration}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for name, model in models.items():
         model.save_pretrained(os.path.join(tmp, name))
         tokenizer.save_pretrained(os.path.join(tmp, name))
+    torch.save(dict(iteration=iteration, rng=rng_state(),
+                    optimizers={n: opt.state_dict() for n, (opt, sched) in optims.items()},
+                    schedulers={n: sched.state_dict() for n, (opt, sched) in optims.items()}),
+               os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(a) | dict(iteration=iteration), f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)  # the same iteration saved by an earlier attempt of this run
     os.replace(tmp, final)
+    write_atomically(os.path.join(a.output_dir, "latest"), os.path.basename(final) + "\n")
+    if a.keep_checkpoints:
+        for old in checkpoints_in(a.output_dir)[:-a.keep_checkpoints]:
+            shutil.rmtree(old)
     return final
+
+
+def write_atomically(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def checkpoints_in(run_dir):
+    """Complete checkpoints of a run, oldest first (a folder still being written ends in .tmp)."""
+    found = [(int(m.group(1)), os.path.join(run_dir, d)) for d in os.listdir(run_dir)
+             if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    return [path for _, path in sorted(found)]
+
+
+def find_checkpoint(path):
+    """The checkpoint to resume from: PATH itself, or the newest complete checkpoint of the run in PATH."""
+    if not os.path.isdir(path):
+        raise BadInput(f"--resume {path}: no such folder")
+    if not os.path.exists(os.path.join(path, "trainer_state.pt")):
+        found = checkpoints_in(path)
+        if not found:
+            raise BadInput(f"--resume {path}: no checkpoint-<iteration> folder there")
+        path = found[-1]
+    for need in ["trainer_state.pt", "args.json"]:
+        if not os.path.exists(os.path.join(path, need)):
+            raise BadInput(f"--resume {path}: not a complete checkpoint (no {need})")
+    return path
+
+
+def load_trainer_state(ckpt, names):
+    """trainer_state.pt of a checkpoint, checked whole before any model is loaded (BadInput otherwise)."""
+    try:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    except Exception as e:
+        raise BadInput(f"--resume {ckpt}: trainer_state.pt cannot be read ({type(e).__name__}: {str(e)[:150]})")
+    for n in names:
+        folder = os.path.join(ckpt, n)
+        if not os.path.exists(os.path.join(folder, "config.json")) or n not in state["optimizers"]:
+            raise BadInput(f"--resume {ckpt}: the {n} model or its optimizer state is missing")
+    return state
+
+
+def prepare_output_dir(a, resuming):
+    """Refuse an unwritable folder, and one that holds another run (unless --resume or --overwrite)."""
+    try:
+        os.makedirs(a.output_dir, exist_ok=True)
+        write_atomically(os.path.join(a.output_dir, ".write_test"), "")
+        os.remove(os.path.join(a.output_dir, ".write_test"))
+    except OSError as e:
+        raise BadInput(f"--output_dir {a.output_dir}: not writable ({e.strerror})")
+    previous = [d for d in os.listdir(a.output_dir) if d == "metrics.jsonl" or d.startswith("checkpoint-")]
+    if previous and not resuming:
+        if not a.overwrite:
+            raise BadInput(f"--output_dir {a.output_dir} already holds a run ({', '.join(sorted(previous)[:3])}): "
+                           "add --resume to continue it, --overwrite to start afresh, or choose another folder")
+        for d in map(lambda d: os.path.join(a.output_dir, d), previous):
+            if os.path.isdir(d):
+                shutil.rmtree(d)
+            else:
+                os.remove(d)
 
 
 def open_reporter(a):
@@ -725,6 +888,15 @@ def open_reporter(a):
 # Training
 
 
+def batch_indices(n_rows, batch_size, seed, iteration):
+    """Rows of an iteration (1-based): each epoch is a permutation seeded by (seed, epoch); a pure function of the
+    iteration, so that a resumed run sees the same batches. -> (epoch, list of row indices)"""
+    steps_per_epoch = n_rows // batch_size
+    epoch, step = divmod(iteration - 1, steps_per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return epoch, order[step * batch_size:(step + 1) * batch_size].tolist()
+
+
 def train(a):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # per-shard bars would drown ours
@@ -738,10 +910,16 @@ def train(a):
     if len(train_rows) < a.batch_size:
         raise BadInput(f"--dataset {a.dataset}: {len(train_rows)} problems, fewer than --batch_size {a.batch_size}")
     needs = {"codistill": ["small", "large"], "kdrl": ["small", "large"], "grpo": [a.policy]}[a.algo]
+    trained = [a.policy] if a.algo == "grpo" else {"codistill": ["small", "large"], "kdrl": ["small"]}[a.algo]
+    prefix = {n: ("policy" if a.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
     names = {"small": a.small_model, "large": a.large_model}
+    state = load_trainer_state(a.resume, [prefix[n] for n in trained]) if a.resume else None
+    if state:  # the trained models continue from the checkpoint; a frozen one comes from where it came from
+        names.update({n: os.path.join(a.resume, prefix[n]) for n in trained})
     tokenizer = load_tokenizer(names[needs[0]])
     if len(needs) == 2:
-        check_same_tokens(tokenizer, load_tokenizer(a.large_model), a.small_model, a.large_model)
+        check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
+    prepare_output_dir(a, resuming=state is not None)
 
     torch.manual_seed(a.seed)
     random.seed(a.seed)
@@ -749,18 +927,24 @@ def train(a):
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[a.dtype]
     models = {n: load_model(names[n], dtype, device, a.gradient_checkpointing) for n in needs}
-    trained = [a.policy] if a.algo == "grpo" else {"codistill": ["small", "large"], "kdrl": ["small"]}[a.algo]
-    prefix = {n: ("policy" if a.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
     eos_ids, pad_id = eos_ids_of(tokenizer, *models.values()), tokenizer.pad_token_id
+    GRADER["timeouts"] = 0
 
-    steps_per_epoch = len(train_rows) // a.batch_size
-    total_steps = a.max_steps or a.epochs * steps_per_epoch
+    total_steps = a.max_steps or a.epochs * (len(train_rows) // a.batch_size)
     lrs = {"small": a.lr_small, "large": a.lr_large}
     optims = {n: make_optimizer(models[n], lrs[n], a, total_steps) for n in trained}
-    os.makedirs(a.output_dir, exist_ok=True)
+    if state:
+        for n in trained:
+            optims[n][0].load_state_dict(state["optimizers"][prefix[n]])
+            optims[n][1].load_state_dict(state["schedulers"][prefix[n]])
     with open(os.path.join(a.output_dir, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(a), f, indent=1)
-    metrics_file = open(os.path.join(a.output_dir, "metrics.jsonl"), "w")
+    metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
+    if state:  # rows written after the checkpoint are written again, identically, by the resumed run
+        with open(metrics_path) as f:
+            rows = [l for l in f if l.strip().endswith("}") and json.loads(l)["iteration"] <= state["iteration"]]
+        write_atomically(metrics_path, "".join(rows))
+    metrics_file = open(metrics_path, "a")
     report = open_reporter(a)
 
     def log(row):
@@ -772,24 +956,23 @@ def train(a):
         return {f"{prefix[n]}/test_accuracy": heldout_accuracy(models[n], tokenizer, eval_rows, a, eos_ids)
                 for n in names_} if eval_rows else {}
 
-    print(f"algo {a.algo}: training {', '.join(trained)} for {total_steps} iterations "
+    start = state["iteration"] + 1 if state else 1
+    print(f"algo {a.algo}: training {', '.join(trained)} for iterations {start}..{total_steps} "
           f"({len(train_rows)} problems, B={a.batch_size}, M={a.num_samples}, G={a.group_size}) -> {a.output_dir}")
-    row = dict(iteration=0, **evaluate(needs))
-    log(row)
-    print(" ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iteration"))
+    if state:
+        set_rng_state(state["rng"])
+    else:
+        row = dict(iteration=0, **evaluate(needs))
+        log(row)
+        print(" ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iteration"))
 
     B, M, G, N = a.batch_size, a.num_samples, a.group_size, a.max_completion_length
     rollout_model = models["small"] if "small" in models else models[a.policy]
-    order = []
-    bar = tqdm(range(1, total_steps + 1), desc=a.algo, dynamic_ncols=True)
+    bar = tqdm(range(start, total_steps + 1), desc=a.algo, dynamic_ncols=True, initial=start - 1, total=total_steps)
     for it in bar:
         t_step = time.perf_counter()
-        epoch = (it - 1) // steps_per_epoch
-        if not order:  # a fresh permutation of the problems each epoch
-            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(a.seed + epoch)).tolist()
-        batch, order = [train_rows[i] for i in order[:B]], order[B:]
-        if len(order) < B:
-            order = []
+        epoch, rows = batch_indices(len(train_rows), B, a.seed, it)
+        batch = [train_rows[i] for i in rows]
         m = dict(iteration=it, epoch=epoch)
 
         # 1. rollouts: M completions per prompt from the small model (hint prefixes from the large one in epoch 1)
@@ -806,10 +989,13 @@ def train(a):
         t = time.perf_counter()
         texts = decode(tokenizer, comp, mask)
         gold = [r["answer"] for r in batch for _ in range(M)]
-        acc = torch.tensor([accuracy_reward(x, y, a.template) for x, y in zip(texts, gold)], device=device)  # (B*M,)
+        timeouts = GRADER["timeouts"]
+        acc = torch.tensor([accuracy_reward(x, y, a.template, a.grade_timeout) for x, y in zip(texts, gold)],
+                           device=device)  # (B*M,)
         fmt = torch.tensor([format_reward(x) if a.template == "r1" else 0.0 for x in texts], device=device)
         rewards = acc + fmt  # (B*M,)
         m["time/reward"] = time.perf_counter() - t
+        m["grade_timeouts"] = GRADER["timeouts"] - timeouts
 
         # 3. scoring: old log-probs, no grad; 4. KD reward of Eq. (6)
         t = time.perf_counter()
@@ -875,6 +1061,8 @@ def train(a):
         m[f"{p}/completion_length"] = lengths.mean().item()
         ended = torch.isin(comp, torch.tensor(eos_ids, device=device)).any(1)  # (B*M,)
         m[f"{p}/truncated_frac"] = 1.0 - ended.float().mean().item()  # stopped at N tokens without EOS
+        m[f"{p}/empty_frac"] = (ended & (lengths <= 1)).float().mean().item()  # EOS first: an empty answer
+        m[f"{p}/equal_reward_groups_frac"] = (r_kept.std(1) == 0).float().mean().item()  # zero advantages
         if a.algo != "grpo":
             m["large/accuracy"] = acc[flat].mean().item()  # the rollouts the large model learns from
         if hints:
@@ -884,9 +1072,10 @@ def train(a):
 
         if (a.eval_every and it % a.eval_every == 0) or it == total_steps:
             m.update(evaluate(trained))
+        log(m)  # before the checkpoint: a crash in between re-runs this iteration on resume, no row is lost
         if (a.save_every and it % a.save_every == 0) or it == total_steps:
-            save_checkpoint({prefix[n]: models[n] for n in trained}, tokenizer, a, it)
-        log(m)
+            save_checkpoint({prefix[n]: models[n] for n in trained}, {prefix[n]: optims[n] for n in trained},
+                            tokenizer, a, it)
         bar.set_postfix({k.split("/")[-1][:8]: f"{v:.3f}" for k, v in m.items()
                          if k in (f"{p}/accuracy", f"{p}/zero_accuracy_frac", f"{p}/test_accuracy", "time/step")})
         if "small/test_accuracy" in m or "policy/test_accuracy" in m:

@@ -2,15 +2,16 @@
 eval.py: score checkpoints like the paper's Tables 1 and 2, and draw Figures 1, 3 and 4 from training runs.
 
 Benchmarks (greedy by default; with --temperature and --seeds K, mean ± std over K sampled runs):
-    python eval.py Qwen/Qwen2.5-Math-1.5B runs/codistill/checkpoint-1560/small    # minerva,math500,amc23,olympiadbench
+    python eval.py Qwen/Qwen2.5-Math-1.5B runs/codistill/checkpoint-1560/small   # minerva,math500,amc23,olympiadbench
     python eval.py MODEL --benchmarks math500,gsm8k,my_problems.jsonl --temperature 0.6 --seeds 5 --out scores.json
-    python eval.py BASE_MODEL runs/tiny/checkpoint-30/small --benchmarks toy       # offline: the tiny preset's held-out set
+    python eval.py BASE_MODEL runs/tiny/checkpoint-30/small --benchmarks toy      # offline, the tiny preset's test set
 
 Training runs (each RUN_DIR's metrics.jsonl -> a summary table and PNG plots):
     python eval.py --runs runs/tiny runs/tiny-grpo --plot_dir plots
 
 MODEL is a checkpoint folder (RUN/checkpoint-K/small, large or policy) or a hub id; the first MODEL is the baseline
-that the Average column's change is measured against. A benchmark is a name in BENCHMARKS below, `toy`, or a local
+that the Average column's change is measured against. A benchmark is minerva, math500, amc23, olympiadbench, gsm8k
+(the BENCHMARKS table: hub id, split, columns), toy (the tiny preset's 500 held-out additions, seed 0), or a local
 JSON/JSONL file with 'problem' and 'answer'. The template, max new tokens and max prompt length default to what the
 checkpoints' training run recorded (RUN/checkpoint-K/args.json). Prompts, graders, loaders and generation are those
 of codistill_grpo.py.
@@ -78,10 +79,11 @@ def title_of(name):
 def read_args(folder):
     """The arguments a training run recorded in folder/args.json (RUN/ or RUN/checkpoint-K/), or {}."""
     path = os.path.join(folder, "args.json")
-    if not os.path.isfile(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):  # none, or a run that is still writing it
         return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def trained_args(model):
@@ -120,21 +122,23 @@ def score_model(model, tokenizer, rows, s, seed):
 
 def summarize(accuracies, names):
     """accuracies: {model: {benchmark: [accuracy in [0, 1] per seed] or None when missing}} -> table rows: per
-    benchmark (mean, std) in percent (population std over seeds), the Average of the means over the benchmarks
+    benchmark the mean and std in percent (population std over seeds), the Average of the means over the benchmarks
     present, and its change against the first model's Average."""
     rows = []
     for model, per in accuracies.items():
-        cells = {b: None if per.get(b) is None else (100 * statistics.mean(per[b]), 100 * statistics.pstdev(per[b]))
+        cells = {b: None if per.get(b) is None else dict(mean=100 * statistics.mean(per[b]),
+                                                         std=100 * statistics.pstdev(per[b]), seeds=per[b])
                  for b in names}
-        means = [c[0] for c in cells.values() if c is not None]
+        means = [c["mean"] for c in cells.values() if c is not None]
         rows.append(dict(model=model, cells=cells, average=statistics.mean(means) if means else None))
+    base = rows[0]["average"] if rows else None
     for r in rows:
-        base = rows[0]["average"]
         r["delta"] = None if r is rows[0] or None in (base, r["average"]) else r["average"] - base
     return rows
 
 
 def markdown(header, lines):
+    """A Markdown table from a header and lines of cells (strings)."""
     return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] +
                      ["| " + " | ".join(line) + " |" for line in lines])
 
@@ -144,12 +148,23 @@ def benchmark_table(rows, names, labels):
     missing = [title_of(b) for b in names if all(r["cells"][b] is None for r in rows)]
     lines = []
     for r in rows:
-        cells = ["missing" if c is None else f"{c[0]:.2f} ± {c[1]:.2f}" for c in r["cells"].values()]
+        cells = ["missing" if c is None else f"{c['mean']:.2f} ± {c['std']:.2f}" for c in r["cells"].values()]
         avg = "-" if r["average"] is None else f"{r['average']:.2f}"
         avg += "" if r["delta"] is None else f" ({r['delta']:+.2f})"
         lines.append([r["model"] + (f" [{labels[r['model']]}]" if labels.get(r["model"]) else "")] + cells + [avg])
     table = markdown(["Model"] + [title_of(b) for b in names] + ["Average*" if missing else "Average"], lines)
     return table + (f"\n\n* Average over the benchmarks present; missing: {', '.join(missing)}." if missing else "")
+
+
+def load_benchmarks(names, limit):
+    """{name: rows} of the benchmarks that load; each one that does not gets a one-line error and is left out."""
+    problems = {}
+    for b in names:
+        try:
+            problems[b] = load_benchmark(b)[:limit or None]
+        except cg.BadInput as e:
+            print(f"error: benchmark {b} is missing: " + " ".join(str(e).split()), file=sys.stderr)
+    return problems
 
 
 def evaluate_models(a):
@@ -159,13 +174,12 @@ def evaluate_models(a):
         raise cg.BadInput("--seeds > 1 needs --temperature > 0: greedy decoding gives the same answers every time")
     if a.seeds < 1 or a.batch_size < 1 or a.limit < 0:
         raise cg.BadInput("--seeds and --batch_size must be >= 1, --limit >= 0")
+    if len(set(a.models)) < len(a.models):
+        raise cg.BadInput(f"a MODEL is given twice: {' '.join(a.models)}")
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
     tokenizers = {m: cg.load_tokenizer(m) for m in a.models}  # bad model names fail before any work
-    problems = {}
-    for b in names:
-        try:
-            problems[b] = load_benchmark(b)[:a.limit or None]
-        except cg.BadInput as e:
-            print(f"error: benchmark {b} is missing: {e}", file=sys.stderr)
+    problems = load_benchmarks(names, a.limit)
     if not problems:
         raise cg.BadInput(f"--benchmarks {a.benchmarks}: none could be loaded")
     recorded = [trained_args(m) for m in a.models]
@@ -192,14 +206,12 @@ def evaluate_models(a):
     rows = summarize(accuracies, names)
     decoding = "greedy" if a.temperature == 0 else f"sampled at temperature {a.temperature:g}"
     caption = (f"Accuracy (%), {decoding}, template {s['template']}, at most {s['max_new_tokens']} new tokens: "
-               f"mean ± std (population) over {a.seeds} seed(s); Average: mean of the benchmarks' means, "
-               f"(change against the first row).")
+               f"mean ± std (population std) over {a.seeds} seed(s); Average: the mean of the benchmarks' means, "
+               f"with its change against the first row in parentheses.")
     labels = {m: label_of(r) for m, r in zip(a.models, recorded)}
     table = caption + "\n\n" + benchmark_table(rows, names, labels)
     out = dict(settings=s, benchmarks={b: len(p) for b, p in problems.items()},
-               table=[dict(r, cells={b: None if c is None else dict(mean=c[0], std=c[1], seeds=accuracies[r["model"]][b])
-                                     for b, c in r["cells"].items()}) for r in rows],
-               results=results)
+               table=[dict(r, label=labels[r["model"]]) for r in rows], results=results)
     return table, out, [b for b in names if b not in problems]
 
 
@@ -292,26 +304,27 @@ def plot_runs(runs, plot_dir):
         ax.set(title=f"{model} model", xlabel="iteration", ylabel="held-out accuracy")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    axes[0].set_ylim(bottom=0)  # after both are drawn: the shared top fits both models
     save(fig, "test_accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         ax.plot(*series(run, f"{run['prefix'].get('small', 'policy')}/zero_accuracy_frac"), label=run["label"])
-    ax.set(xlabel="iteration", ylabel="fraction of prompts with zero accuracy", ylim=(0, 1))
+    ax.set(xlabel="iteration", ylabel="fraction of prompts with zero accuracy", ylim=(0, 1.02))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     save(fig, "zero_accuracy_frac.png")
 
-    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * len(runs)))
+    fig, ax = plt.subplots(figsize=(7, 1.6 + 0.5 * len(runs)))
+    seconds = {p: [mean_of(run, f"time/{p}") or 0.0 for run in runs] for p in ["step"] + PHASES}
+    seconds["other"] = [max(step - sum(seconds[p][i] for p in PHASES), 0.0) for i, step in enumerate(seconds["step"])]
     left = [0.0] * len(runs)
-    for phase in PHASES + ["other"]:
-        step = [mean_of(run, "time/step") or 0.0 for run in runs]
-        width = [max(s - sum(mean_of(r, f"time/{p}") or 0.0 for p in PHASES), 0.0) if phase == "other"
-                 else mean_of(r, f"time/{phase}") or 0.0 for r, s in zip(runs, step)]
-        ax.barh([r["label"] for r in runs], width, left=left, label=phase)
-        left = [l + w for l, w in zip(left, width)]
+    for phase in PHASES + ["other"]:  # stacked: the phases add up to the step
+        ax.barh([r["label"] for r in runs], seconds[phase], left=left, label=phase)
+        left = [l + w for l, w in zip(left, seconds[phase])]
     ax.set(xlabel="mean seconds per iteration")
-    ax.legend(fontsize=8, ncol=3)
+    ax.invert_yaxis()  # the first run on top, as in the table
+    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     save(fig, "step_time.png")
     return paths
 
@@ -329,19 +342,22 @@ def evaluate_runs(a):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("models", nargs="*", metavar="MODEL", help="checkpoint folders or hub ids; the first is the baseline")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    paper, tiny = cg.Args(), cg.PRESETS["tiny"]
+    default = lambda key: f"default: the checkpoints' (args.json), else {tiny[key]} for toy only, " \
+                          f"else {getattr(paper, key)}"
+    p.add_argument("models", nargs="*", metavar="MODEL", help="checkpoint folders or hub ids; the first: the baseline")
     p.add_argument("--benchmarks", default="minerva,math500,amc23,olympiadbench",
-                   help=f"comma-separated: {', '.join(BENCHMARKS)}, toy, or local JSON/JSONL files (default: %(default)s)")
+                   help=f"comma-separated: {', '.join(BENCHMARKS)}, toy, or local JSON/JSONL files\n"
+                   "(default: %(default)s, the paper's)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N problems of each benchmark; 0 = all")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples (top_k=0, top_p=1)")
-    p.add_argument("--seeds", type=int, default=1, help="K sampled runs per benchmark (seeds 0..K-1), with --temperature")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="default: the checkpoints' N, else the paper's 3072")
-    p.add_argument("--max_prompt_length", type=int, default=None, help="default: the checkpoints', else the paper's 1024")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled, top_k=0, top_p=1")
+    p.add_argument("--seeds", type=int, default=1, help="K sampled runs, seeds 0..K-1 (with --temperature)")
+    p.add_argument("--max_new_tokens", type=int, help="N, max completion tokens; " + default("max_completion_length"))
+    p.add_argument("--max_prompt_length", type=int, help="longer prompts are cut; " + default("max_prompt_length"))
     p.add_argument("--batch_size", type=int, default=64, help="problems per generate call (default: %(default)s)")
-    p.add_argument("--template", choices=list(cg.TEMPLATES), default=None,
-                   help="prompt template; default: the checkpoints' (args.json), else boxed for toy only, else r1")
-    p.add_argument("--out", default=None, help="write the table rows and the per-problem results to this JSON file")
+    p.add_argument("--template", choices=list(cg.TEMPLATES), help="prompt template; " + default("template"))
+    p.add_argument("--out", help="write the table rows and the per-problem results to this JSON file")
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR", help="training runs to summarize and plot")
     p.add_argument("--plot_dir", default="plots", help="where the --runs PNGs go (default: %(default)s)")
     return p.parse_args(argv)
@@ -364,9 +380,9 @@ def main(argv=None):
                 json.dump(out, f, indent=1)
             print(f"wrote {a.out}")
         if missing:
-            raise cg.BadInput(f"benchmark {', '.join(missing)} could not be loaded (marked missing in the table)")
+            raise cg.BadInput(f"missing from the table (could not be loaded): {', '.join(missing)}")
     except cg.BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the loader's message
         sys.exit(2)
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -507,3 +508,195 @@ def test_command_line_exit_status_and_help():
     for flag, symbol in [("--num_samples", "M:"), ("--group_size", "G:"), ("--max_completion_length", "N:"),
                          ("--hint_tokens", "T:"), ("--alpha", "alpha:"), ("--clip_eps", "eps:")]:
         assert flag in help_.stdout and symbol in help_.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Never lose a run: exact resume, atomic checkpoints
+
+
+def rows_without_timings(path):
+    rows = [json.loads(l) for l in open(path)]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
+
+
+def test_resume_gives_the_same_weights_and_rows_as_a_straight_run(based, tmp_path, monkeypatch):
+    flags = ["--max_steps", "4", "--save_every", "2", "--eval_every", "2", "--lr_schedule", "cosine",
+             "--warmup_ratio", "0.25", "--hint_tokens", "3"]
+    cg.main(based_argv(based, tmp_path / "straight", *flags))
+
+    real_save = cg.save_checkpoint
+
+    def save_then_stop(models, optims, tokenizer, a, iteration):
+        path = real_save(models, optims, tokenizer, a, iteration)
+        if iteration == 2:
+            raise KeyboardInterrupt  # the job is stopped right after its checkpoint
+        return path
+    monkeypatch.setattr(cg, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        cg.main(based_argv(based, tmp_path / "split", *flags))
+    monkeypatch.setattr(cg, "save_checkpoint", real_save)
+    cg.main(["--output_dir", str(tmp_path / "split"), "--resume"])  # everything else comes from the checkpoint
+
+    for n in ["small", "large"]:  # CPU, fp32: bitwise equal
+        assert torch.equal(flat_params(tmp_path / "straight" / "checkpoint-4" / n),
+                           flat_params(tmp_path / "split" / "checkpoint-4" / n))
+    assert rows_without_timings(tmp_path / "split" / "metrics.jsonl") == \
+        rows_without_timings(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resume_uses_it(based, tmp_path):
+    out = tmp_path / "run"
+    argv = based_argv(based, out, "--max_steps", "3", "--save_every", "1", "--eval_size", "0")
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {HERE!r})
+import codistill_grpo as cg
+real_replace = os.replace
+def replace(src, dst):
+    if str(dst).endswith("checkpoint-2"):  # killed after writing checkpoint-2 aside, before renaming it in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+os.replace = replace
+cg.main({argv!r})
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
+    assert (out / "checkpoint-2.tmp").is_dir()  # the half-written one
+    assert (out / "latest").read_text().strip() == "checkpoint-1"
+    flat_params(out / "checkpoint-1" / "small")  # loadable
+
+    cg.main(["--output_dir", str(out), "--resume"])
+    assert [r["iteration"] for r in rows_without_timings(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == \
+        ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert (out / "latest").read_text().strip() == "checkpoint-3"
+
+
+def test_only_the_newest_checkpoints_are_kept(world, tmp_path):
+    cg.main(tiny_argv(world, tmp_path, "--max_steps", "3", "--save_every", "1", "--keep_checkpoints", "2",
+                      "--eval_size", "0"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == \
+        ["checkpoint-2", "checkpoint-3"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grading that cannot hurt training
+
+
+@pytest.mark.parametrize("completion", [
+    "\\boxed{9^{9^{9^{9}}}}",
+    "<answer> 9^{9^{9^{9^{9}}}} </answer>",
+    "\\boxed{" + "1" * 1_000_000 + "}",
+    "\\boxed{" + "{" * 2000 + "1" + "}" * 2000 + "}",
+    "\\boxed{" + "\\frac{1}{" * 200 + "2" + "}" * 200 + "}",
+    "\\boxed{__import__('os').system('touch /tmp/codistill_pwned')}",
+    "<answer> __import__('os').system('touch /tmp/codistill_pwned') </answer>",
+    "__import__('os').system('touch /tmp/codistill_pwned')",
+    "\\boxed{1000000!}",
+])
+def test_hostile_completions_score_zero_within_the_limit(completion):
+    template = "r1" if completion.startswith("<answer>") else "boxed"
+    t = time.perf_counter()
+    assert cg.accuracy_reward(completion, "3", template, timeout=1.0) == 0.0
+    assert time.perf_counter() - t < 1.0 + 1.0
+    assert not os.path.exists("/tmp/codistill_pwned")
+    assert cg.accuracy_reward("\\boxed{3}", "3", "boxed") == 1.0  # the grader still works afterwards
+
+
+def test_a_grading_hang_is_killed_and_counted():
+    before = cg.GRADER["timeouts"]
+    assert cg.accuracy_reward("\\boxed{9^{9^{9^{9}}}}", "3", "boxed", timeout=0.5) == 0.0
+    assert cg.GRADER["timeouts"] == before + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numerical guards
+
+
+def test_policy_loss_stays_finite_for_far_off_policy_tokens():
+    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    logp_old = torch.tensor([[-1000.0, 500.0]])  # log-ratios of +1000 and -501: exp would overflow
+    loss = cg.policy_loss(logp, logp_old, torch.tensor([-1.0]), torch.ones(1, 2), max_len=2, clip_eps=0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+
+
+def test_a_non_finite_gradient_skips_the_step(tiny):
+    import copy
+    tok, model0 = tiny
+    model = copy.deepcopy(model0)
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2"] * 2, "boxed", 64, "cpu")
+    comp = torch.randint(1, len(tok) - 1, (2, 4))
+    opt, sched = cg.make_optimizer(model, 1e-2, cg.Args(), total_steps=10)
+    stats = cg.update(model, opt, sched, ids, pmask, comp, torch.ones_like(comp), torch.zeros(2, 4),
+                      torch.tensor([float("nan"), 1.0]), cg.Args(max_completion_length=4))
+    assert stats["skipped_step"] == 1.0 and not math.isfinite(stats["grad_norm"])
+    for p, p0 in zip(model.parameters(), model0.parameters()):
+        assert torch.equal(p, p0)
+
+
+def test_nan_weights_never_reach_a_checkpoint(world, tiny, tmp_path):
+    import copy
+    tok, model0 = tiny
+    model = copy.deepcopy(model0)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    a = cg.Args(output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        cg.save_checkpoint({"small": model}, {}, tok, a, 1)
+    assert not (tmp_path / "checkpoint-1").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input around runs: status 2, nothing already saved is touched
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(world, tmp_path):
+    out = tmp_path / "run"
+    cg.main(tiny_argv(world, out, "--eval_size", "0", "--save_every", "1"))
+    return out
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda ckpt: (ckpt / "trainer_state.pt").write_bytes(b"not a checkpoint"), "trainer_state.pt cannot be read"),
+    (lambda ckpt: (ckpt / "small" / "config.json").unlink(), "the small model or its optimizer state is missing"),
+    (lambda ckpt: (ckpt / "args.json").unlink(), "not a complete checkpoint"),
+])
+def test_a_damaged_checkpoint_given_to_resume_exit_2(finished_run, capsys, damage, message):
+    damage(finished_run / "checkpoint-2")
+    before = snapshot(finished_run)
+    with pytest.raises(SystemExit) as e:
+        cg.main(["--resume", str(finished_run / "checkpoint-2")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert snapshot(finished_run) == before
+
+
+def test_a_run_folder_is_not_overwritten_without_being_asked(world, finished_run, capsys):
+    before = snapshot(finished_run)
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, finished_run, "--eval_size", "0"))
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    assert snapshot(finished_run) == before
+    cg.main(tiny_argv(world, finished_run, "--eval_size", "0", "--max_steps", "1", "--overwrite"))
+    assert [r["iteration"] for r in rows_without_timings(finished_run / "metrics.jsonl")] == [0, 1]
+    assert not (finished_run / "checkpoint-2").exists()
+
+
+def test_unwritable_output_folder_exit_2(world, tmp_path, capsys, no_models):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, tmp_path / "a_file" / "run"))
+    assert e.value.code == 2 and "--output_dir" in capsys.readouterr().err
+
+
+def test_dataset_with_no_rows_exit_2(world, tmp_path, capsys, no_models):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, tmp_path / "run", "--dataset", str(tmp_path / "empty.jsonl")))
+    assert e.value.code == 2 and "no rows" in capsys.readouterr().err
