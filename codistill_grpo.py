@@ -368,7 +368,7 @@ def tiny_problems(seed, n_test=500):
 
 
 def tiny_solution(row):
-    return f" {row['problem'][8:]} = \\boxed{{{row['answer']}}}"
+    return f" \\boxed{{{row['answer']}}}"  # 6 tokens + EOS: short answers learn fast
 
 
 def build_tiny_tokenizer(rows):
@@ -388,23 +388,25 @@ def build_tiny_tokenizer(rows):
 
 
 def warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size=64):
-    """Supervised warm-up on prompt + solution (loss on the solution and its EOS): random weights -> a base model."""
+    """Supervised warm-up on prompt + solution (loss on the solution and its EOS): random weights -> a base model.
+    AdamW (0.9, 0.98), linear lr warm-up over the first 5% of the steps then constant, grad-norm clip 1."""
     g = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    data = [(tokenizer(TEMPLATES[template].format(prompt=r["problem"]))["input_ids"],
+             tokenizer(tiny_solution(r))["input_ids"] + [tokenizer.eos_token_id]) for r in rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / max(1, steps // 20)))
+    pad = tokenizer.pad_token_id
     model.train()
     for _ in tqdm(range(steps), desc="warm-up", leave=False, disable=steps < 50):
-        seqs, labels = [], []
-        for r in g.choices(rows, k=batch_size):
-            prompt = tokenizer(TEMPLATES[template].format(prompt=r["problem"]))["input_ids"]
-            solution = tokenizer(tiny_solution(r))["input_ids"] + [tokenizer.eos_token_id]
-            seqs.append(prompt + solution)
-            labels.append([-100] * len(prompt) + solution)
-        L = max(map(len, seqs))
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (L - len(s)) for s in seqs])  # (batch, L), right-padded
-        attn = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
-        labels = torch.tensor([x + [-100] * (L - len(x)) for x in labels])
+        batch = g.choices(data, k=batch_size)
+        L = max(len(p) + len(s) for p, s in batch)
+        ids = torch.tensor([p + s + [pad] * (L - len(p) - len(s)) for p, s in batch])  # (batch, L), right-padded
+        attn = torch.tensor([[1] * (len(p) + len(s)) + [0] * (L - len(p) - len(s)) for p, s in batch])
+        labels = torch.tensor([[-100] * len(p) + s + [-100] * (L - len(p) - len(s)) for p, s in batch])
         model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
     return model
 
@@ -413,7 +415,7 @@ def build_tiny_world(cache_dir, seed, warmup_steps=(0, 0)):
     """Build once (cached, keyed by its settings) the tiny tokenizer, data and models, warmed up for
     warmup_steps = (small, large) supervised steps -> paths {'small', 'large', 'train', 'test'}."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    settings = [TINY_CONFIGS, seed, list(warmup_steps), TINY_WARMUP_LR, "v2"]  # bump when the world changes
+    settings = [TINY_CONFIGS, seed, list(warmup_steps), TINY_WARMUP_LR, "v3"]  # bump when the world changes
     key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]
     root = os.path.join(cache_dir, f"tiny-{key}")
     paths = {name: os.path.join(root, name) for name in ["small", "large"]}

@@ -34,14 +34,14 @@ def tiny(world):
 
 @pytest.fixture(scope="session")
 def based(world, tmp_path_factory):
-    """Tiny base models that know 2 problems partly (small ~60% of samples right, large more): random weights
+    """Tiny base models that know 2 problems partly (small ~40% of samples right, large more): random weights
     get no reward at all, and then no GRPO advantage and no update either."""
     from transformers import AutoModelForCausalLM
     root = tmp_path_factory.mktemp("based")
     tok = cg.load_tokenizer(world["small"])
     rows = [json.loads(l) for l in open(world["train"])][:2]
     (root / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for name, steps in [("small", 40), ("large", 50)]:
+    for name, steps in [("small", 25), ("large", 25)]:
         model = AutoModelForCausalLM.from_pretrained(world[name], dtype=torch.float32)
         cg.warmup(model, tok, rows, "boxed", steps, 2e-3, seed=0, batch_size=8)
         model.save_pretrained(root / name)
