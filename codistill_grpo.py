@@ -292,9 +292,15 @@ def last_boxed(text):
 HUB_DATASETS = {
     "DigitalLearningGmbH/MATH-lighteval": ("default", {"train": ["train", "test"], "test": ["test"]}, "problem",
                                            lambda row: last_boxed(row["solution"])),
-    "HuggingFaceH4/MATH-500": ("default", {"train": ["test"], "test": ["test"]}, "problem", lambda row: row["answer"]),
+    "HuggingFaceH4/MATH-500": (None, {"train": ["test"], "test": ["test"]}, "problem", lambda row: row["answer"]),
     "openai/gsm8k": ("main", {"train": ["train"], "test": ["test"]}, "question",
                      lambda row: row["answer"].split("####")[-1].strip().replace(",", "")),
+    # the benchmarks of the paper's Tables 1 and 2 (eval.py)
+    "math-ai/minervamath": (None, {"test": ["test"]}, "question", lambda row: row["answer"]),
+    "math-ai/amc23": (None, {"test": ["test"]}, "question", lambda row: row["answer"]),
+    "math-ai/olympiadbench": (None, {"test": ["test"]}, "question",  # final_answer is a list of one string
+                              lambda row: row["final_answer"][0] if isinstance(row["final_answer"], list)
+                              else row["final_answer"]),
 }
 MATH500_ID = "HuggingFaceH4/MATH-500"
 
@@ -469,7 +475,8 @@ def load_tokenizer(name):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
-        raise BadInput(f"model {name}: its tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from None
+        raise BadInput(f"model {name}: its tokenizer cannot be loaded ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]})") from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -11,7 +11,7 @@ Training runs (each RUN_DIR's metrics.jsonl -> a summary table and PNG plots):
 
 MODEL is a checkpoint folder (RUN/checkpoint-K/small, large or policy) or a hub id; the first MODEL is the baseline
 that the Average column's change is measured against. A benchmark is minerva, math500, amc23, olympiadbench, gsm8k
-(the BENCHMARKS table: hub id, split, columns), toy (the tiny preset's 500 held-out additions, seed 0), or a local
+(hub ids in BENCHMARKS; splits and columns in codistill_grpo.HUB_DATASETS), toy (the tiny preset's 500 held-out additions, seed 0), or a local
 JSON/JSONL file with 'problem' and 'answer'. The template, max new tokens and max prompt length default to what the
 checkpoints' training run recorded (RUN/checkpoint-K/args.json). Prompts, graders, loaders and generation are those
 of codistill_grpo.py.
@@ -23,20 +23,19 @@ import json
 import os
 import statistics
 import sys
-from unittest import mock
 
 import torch
 
 import codistill_grpo as cg
 
-# name -> (column title, hub id, config, split, problem column, answer column). The answer column may hold a list
-# (OlympiadBench: the first element is used) or GSM8K's worked solution (the number after '####' is used).
+# name -> (column title, hub id). Each id's config, splits and columns are in codistill_grpo.HUB_DATASETS, the one
+# table of datasets that training and evaluation share.
 BENCHMARKS = {
-    "minerva": ("Minerva", "math-ai/minervamath", None, "test", "question", "answer"),
-    "math500": ("MATH500", "HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
-    "amc23": ("AMC23", "math-ai/amc23", None, "test", "question", "answer"),
-    "olympiadbench": ("OlympiadBench", "math-ai/olympiadbench", None, "test", "question", "final_answer"),
-    "gsm8k": ("GSM8K", "openai/gsm8k", "main", "test", "question", "answer"),
+    "minerva": ("Minerva", "math-ai/minervamath"),
+    "math500": ("MATH500", "HuggingFaceH4/MATH-500"),
+    "amc23": ("AMC23", "math-ai/amc23"),
+    "olympiadbench": ("OlympiadBench", "math-ai/olympiadbench"),
+    "gsm8k": ("GSM8K", "openai/gsm8k"),
 }
 PHASES = ["generate", "reward", "score", "update_small", "update_large"]  # time/<phase> in metrics.jsonl
 
@@ -45,24 +44,12 @@ PHASES = ["generate", "reward", "score", "update_small", "update_large"]  # time
 # Benchmarks
 
 
-def gold_answer(value):
-    """A benchmark's answer cell -> the gold answer string (a list: its first element; GSM8K: after '####')."""
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if isinstance(value, str) and "####" in value:
-        value = value.split("####")[-1].strip().replace(",", "")
-    return value
-
-
 def load_benchmark(name):
     """-> rows [{'problem', 'answer'}]; cg.BadInput with a one-line message when it cannot be loaded."""
     if name == "toy":
         return cg.tiny_problems(0)[1]  # seed 0: the tiny preset's default
     if name in BENCHMARKS:
-        _, hub_id, config, split, pcol, acol = BENCHMARKS[name]
-        spec = (config, {"test": [split]}, pcol, lambda row: gold_answer(row[acol]))
-        with mock.patch.dict(cg.HUB_DATASETS, {hub_id: spec}):  # codistill_grpo's loader, told these columns
-            return cg.load_problems(hub_id, "test")
+        return cg.load_problems(BENCHMARKS[name][1], "test")
     if name.endswith((".json", ".jsonl")) and not os.path.isfile(name):
         raise cg.BadInput(f"{name}: no such file")
     return cg.load_problems(name, "test")  # a local file, or another hub id with 'problem' and 'answer'
