@@ -137,7 +137,7 @@ PRESETS = {
         template="boxed", eval_size=200, eval_every=10, batch_size=8, num_samples=8, group_size=4,
         max_completion_length=16, max_prompt_length=64, lr_small=1e-4, lr_large=3e-5, lr_schedule="constant",
         warmup_ratio=0.0, epochs=1, max_steps=30, micro_batch_size=32, gen_batch_size=256, save_every=0,
-        output_dir="runs/tiny", dtype="float32"),
+        output_dir="runs/tiny", dtype="float32", tiny_warmup_small=350, tiny_warmup_large=600),
 }
 
 
@@ -761,7 +761,7 @@ def heldout_accuracy(model, tokenizer, rows, a, eos_ids):
     """Greedy accuracy on held-out problems (the paper's Figure 3)."""
     texts = complete(model, tokenizer, [r["problem"] for r in rows], a.template, a.max_completion_length,
                      a.max_prompt_length, eos_ids, a.gen_batch_size)
-    return sum(accuracy_reward(t, r["answer"], a.template) for t, r in zip(texts, rows)) / len(rows)
+    return sum(accuracy_reward(t, r["answer"], a.template, a.grade_timeout) for t, r in zip(texts, rows)) / len(rows)
 
 
 def rng_state():
@@ -918,8 +918,8 @@ def train(a):
     eval_rows = load_problems(a.eval_dataset, "test")[:a.eval_size] if a.eval_size else []
     if len(train_rows) < a.batch_size:
         raise BadInput(f"--dataset {a.dataset}: {len(train_rows)} problems, fewer than --batch_size {a.batch_size}")
-    needs = {"codistill": ["small", "large"], "kdrl": ["small", "large"], "grpo": [a.policy]}[a.algo]
-    trained = [a.policy] if a.algo == "grpo" else {"codistill": ["small", "large"], "kdrl": ["small"]}[a.algo]
+    needs = {"codistill": ["small", "large"], "kdrl": ["small", "large"], "grpo": [a.policy]}[a.algo]  # loaded
+    trained = {"codistill": ["small", "large"], "kdrl": ["small"], "grpo": [a.policy]}[a.algo]  # updated
     prefix = {n: ("policy" if a.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
     names = {"small": a.small_model, "large": a.large_model}
     state = load_trainer_state(a.resume, [prefix[n] for n in trained]) if a.resume else None

@@ -54,9 +54,13 @@ def based(world, tmp_path_factory):
     return dict(world, small=str(root / "small"), large=str(root / "large"), data=str(root / "two.jsonl"))
 
 
+NO_WARMUP = ["--tiny_warmup_small", "0", "--tiny_warmup_large", "0"]  # the session's `world`: random weights, built in
+# a second (the preset's warm-up takes minutes; `based` gives tests the competent models they need)
+
+
 def tiny_argv(world, out, *extra):
     """A two-iteration run of --preset tiny, shrunk to seconds (the world may be replaced by `based`)."""
-    return ["--preset", "tiny", "--cache_dir", world["cache"], "--output_dir", str(out), "--max_steps", "2",
+    return ["--preset", "tiny", "--cache_dir", world["cache"], *NO_WARMUP, "--output_dir", str(out), "--max_steps", "2",
             "--batch_size", "2", "--num_samples", "8", "--group_size", "4", "--eval_size", "4", "--eval_every", "1",
             "--micro_batch_size", "3", *extra]
 
@@ -241,7 +245,6 @@ def test_loss_scale_does_not_depend_on_micro_batch_size(tiny):
 
 
 def test_gradient_checkpointing_gives_the_same_step(world, tiny):
-    import copy
     tok, _ = tiny
     ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
     comp = torch.randint(1, len(tok) - 1, (2, 6))
@@ -714,7 +717,7 @@ def test_dataset_with_no_rows_exit_2(world, tmp_path, capsys, no_models):
 def short_run(world, tmp_path_factory):
     """A real two-iteration codistill run of the tiny preset -> its output folder."""
     out = tmp_path_factory.mktemp("run") / "codistill"
-    cg.main(["--preset", "tiny", "--cache_dir", world["cache"], "--output_dir", str(out), "--max_steps", "2",
+    cg.main(["--preset", "tiny", "--cache_dir", world["cache"], *NO_WARMUP, "--output_dir", str(out), "--max_steps", "2",
              "--batch_size", "2", "--num_samples", "4", "--group_size", "2", "--eval_size", "4", "--eval_every", "1"])
     return out
 
