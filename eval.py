@@ -4,12 +4,13 @@ eval.py: score checkpoints like the paper's Tables 1 and 2, and draw Figures 1, 
 Benchmarks (greedy by default; with --temperature and --seeds K, mean ± std over K sampled runs):
     python eval.py Qwen/Qwen2.5-Math-1.5B runs/codistill/checkpoint-1560/small   # minerva,math500,amc23,olympiadbench
     python eval.py MODEL --benchmarks math500,gsm8k,my_problems.jsonl --temperature 0.6 --seeds 5 --out scores.json
-    python eval.py BASE_MODEL runs/tiny/checkpoint-30/small --benchmarks toy      # offline, the tiny preset's test set
+    python eval.py tiny:small runs/tiny/checkpoint-30/small --benchmarks toy      # offline: the tiny preset's base model
 
 Training runs (each RUN_DIR's metrics.jsonl -> a summary table and PNG plots):
     python eval.py --runs runs/tiny runs/tiny-grpo --plot_dir plots
 
-MODEL is a checkpoint folder (RUN/checkpoint-K/small, large or policy) or a hub id; the first MODEL is the baseline
+MODEL is a checkpoint folder (RUN/checkpoint-K/small, large or policy), a hub id, or tiny:small / tiny:large (the
+tiny preset's base models); the first MODEL is the baseline
 that the Average column's change is measured against. A benchmark is minerva, math500, amc23, olympiadbench, gsm8k
 (hub ids in BENCHMARKS; splits and columns in codistill_grpo.HUB_DATASETS), toy (the tiny preset's 500 held-out additions, seed 0), or a local
 JSON/JSONL file with 'problem' and 'answer'. The template, max new tokens and max prompt length default to what the
@@ -53,6 +54,13 @@ def load_benchmark(name):
     if name.endswith((".json", ".jsonl")) and not os.path.isfile(name):
         raise cg.BadInput(f"{name}: no such file")
     return cg.load_problems(name, "test")  # a local file, or another hub id with 'problem' and 'answer'
+
+
+def model_path(name):
+    """'tiny:small' and 'tiny:large' are the tiny preset's base models (built and cached on first use)."""
+    if not name.startswith("tiny:"):
+        return name
+    return cg.resolve_tiny(cg.parse_args(["--preset", "tiny", "--small_model", name])).small_model
 
 
 def title_of(name):
@@ -165,11 +173,12 @@ def evaluate_models(a):
         raise cg.BadInput(f"a MODEL is given twice: {' '.join(a.models)}")
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    tokenizers = {m: cg.load_tokenizer(m) for m in a.models}  # bad model names fail before any work
+    paths = {m: model_path(m) for m in a.models}
+    tokenizers = {m: cg.load_tokenizer(paths[m]) for m in a.models}  # bad model names fail before any work
     problems = load_benchmarks(names, a.limit)
     if not problems:
         raise cg.BadInput(f"--benchmarks {a.benchmarks}: none could be loaded")
-    recorded = [trained_args(m) for m in a.models]
+    recorded = [trained_args(paths[m]) for m in a.models]
     toy_only = set(problems) == {"toy"}
     s = dict(temperature=a.temperature, batch_size=a.batch_size, seeds=list(range(a.seeds)),
              template=setting(a.template, "template", recorded, toy_only),
@@ -180,7 +189,7 @@ def evaluate_models(a):
     accuracies, results = {}, []
     for m in a.models:
         try:
-            model = cg.load_model(m, dtype, device, gradient_checkpointing=False)
+            model = cg.load_model(paths[m], dtype, device, gradient_checkpointing=False)
         except Exception as e:
             raise cg.BadInput(f"model {m}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         accuracies[m] = {b: None for b in names}

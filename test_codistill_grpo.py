@@ -360,6 +360,18 @@ def test_two_iterations_of_each_algo(based, tmp_path, algo, extra, changed, froz
         assert rows[2]["time/update_large"] == 0.0
 
 
+def test_truncated_completions_and_equal_reward_groups_are_counted(based, tmp_path):
+    # N = 2: no completion can hold an answer (' \\boxed{85}' is 6 tokens), so every reward is 0 and every group's
+    # advantages are 0; most completions are cut at N without EOS (the rest ended early, some possibly empty)
+    cg.main(based_argv(based, tmp_path, "--max_completion_length", "2", "--max_steps", "1", "--eval_size", "0"))
+    row = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
+    assert row["small/truncated_frac"] > 0.5 and row["small/completion_length"] <= 2.0
+    assert 0.0 <= row["small/empty_frac"] <= 1.0 - row["small/truncated_frac"]
+    assert row["small/accuracy"] == 0.0
+    assert row["small/equal_reward_groups_frac"] == 1.0 and row["large/grad_norm"] == 0.0
+    assert row["grade_timeouts"] == 0 and row["small/skipped_step"] == 0.0
+
+
 def test_kdrl_leaves_the_large_model_untouched(based, tmp_path, monkeypatch):
     seen = {}
     real_train = cg.train
@@ -781,6 +793,14 @@ def test_hub_benchmarks_are_read_with_their_config_split_and_columns(monkeypatch
     for i, name in enumerate(["minerva", "math500", "amc23", "olympiadbench", "gsm8k"]):
         assert ev.load_benchmark(name) == [{"problem": f"q{i + 1}", "answer": str(i + 1)}]
     assert [c[1:] for c in calls] == [(None, "test")] * 4 + [("main", "test")]  # OlympiadBench: first of the list
+
+
+def test_tiny_model_names_resolve_to_the_presets_base_models(tmp_path, monkeypatch):
+    monkeypatch.setattr(cg, "build_tiny_world", lambda cache, seed, warmup: {
+        k: f"{k}:{cache}|{seed}|{warmup}" for k in ["small", "large", "train", "test"]})
+    assert ev.model_path("tiny:small") == f"small:{cg.Args.cache_dir}|0|(350, 600)"
+    assert ev.model_path("tiny:large") == f"large:{cg.Args.cache_dir}|0|(350, 600)"
+    assert ev.model_path("runs/x/checkpoint-3/small") == "runs/x/checkpoint-3/small"
 
 
 def test_toy_is_the_tiny_presets_held_out_set_and_a_missing_file_fails_fast():
