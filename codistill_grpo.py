@@ -15,7 +15,9 @@ Run it:
     python codistill_grpo.py --preset tiny                  # offline, CPU, minutes: the whole method on a toy task
     python codistill_grpo.py --preset tiny --algo grpo      # baselines in the same loop: grpo | kdrl
     python codistill_grpo.py --preset qwen0.5b              # one GPU, Qwen2.5-0.5B / 1.5B on GSM8K
-    torchrun --nproc_per_node=8 codistill_grpo.py           # the paper's Qwen setting (Table 3)
+    python codistill_grpo.py                                # the paper's Qwen setting (Table 3), one process
+    python codistill_grpo.py --output_dir runs/tiny --resume  # continue a stopped run exactly
+(torchrun with several ranks is refused for now, rather than run unsynchronised copies: DDP/FSDP2 come next.)
 
 Deliberate choices where the paper is silent (each is a flag):
 - clip range eps = 0.2 and sampling temperature tau = 1.0 (the usual GRPO values; the paper gives neither).
@@ -496,7 +498,8 @@ def load_model(name, dtype, device, gradient_checkpointing):
     from transformers import AutoModelForCausalLM, GenerationConfig
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
     # Our own generation config: a hub model's (e.g. repetition_penalty, top_k) would change what is sampled
-    # without changing the log-probs we train on.
+    # without changing the log-probs we train on. Checkpoints get the model's own back (save_checkpoint).
+    model.own_generation_config = model.generation_config
     model.generation_config = GenerationConfig(
         bos_token_id=model.config.bos_token_id, eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=model.generation_config.pad_token_id)
@@ -802,6 +805,8 @@ def save_checkpoint(models, optims, tokenizer, a, iteration):
     for name, model in models.items():
         model.save_pretrained(os.path.join(tmp, name))
         tokenizer.save_pretrained(os.path.join(tmp, name))
+        if hasattr(model, "own_generation_config"):  # users of the checkpoint get the model's own settings
+            model.own_generation_config.save_pretrained(os.path.join(tmp, name))
     torch.save(dict(iteration=iteration, rng=rng_state(),
                     optimizers={n: opt.state_dict() for n, (opt, sched) in optims.items()},
                     schedulers={n: sched.state_dict() for n, (opt, sched) in optims.items()}),

@@ -459,6 +459,33 @@ def test_checkpoints_load_with_from_pretrained_alone(world, tmp_path):
         assert json.load(open(tmp_path / f"checkpoint-{it}" / "args.json"))["iteration"] == it
 
 
+def test_hub_generation_settings_change_neither_sampling_nor_checkpoints(based, tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    src = tmp_path / "instruct"
+    model = AutoModelForCausalLM.from_pretrained(based["small"])
+    model.generation_config = GenerationConfig(repetition_penalty=1.3, top_k=20, do_sample=True, temperature=0.7,
+                                               eos_token_id=model.config.eos_token_id)
+    model.save_pretrained(src)
+    cg.load_tokenizer(based["small"]).save_pretrained(src)
+    loaded = cg.load_model(str(src), torch.float32, "cpu", False)
+    tok = cg.load_tokenizer(str(src))
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2"] * 4, "boxed", 64, "cpu")
+    torch.manual_seed(0)
+    out = loaded.generate(input_ids=ids, attention_mask=pmask, output_scores=True, return_dict_in_generate=True,
+                          generation_config=GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                                             max_new_tokens=6, eos_token_id=[tok.eos_token_id],
+                                                             pad_token_id=tok.pad_token_id))
+    comp = out.sequences[:, ids.shape[1]:]
+    m = cg.completion_mask(comp, [tok.eos_token_id]).bool()
+    from_generate = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, comp[..., None]).squeeze(-1)
+    with torch.no_grad():
+        ours = cg.token_logprobs(loaded, ids, pmask, comp, m.long(), 1.0, 64)
+    assert torch.allclose(ours[m], from_generate[m], atol=1e-4)  # no repetition penalty, no top-k crept in
+    cg.main(based_argv(based, tmp_path / "run", "--small_model", str(src), "--max_steps", "1", "--eval_size", "0"))
+    saved = GenerationConfig.from_pretrained(tmp_path / "run" / "checkpoint-1" / "small")
+    assert (saved.repetition_penalty, saved.top_k, saved.temperature) == (1.3, 20, 0.7)
+
+
 def test_preset_sets_defaults_and_flags_override():
     a = cg.parse_args(["--preset", "paper-llama", "--num_samples", "16"])
     assert (a.template, a.lr_small, a.group_size, a.num_samples) == ("boxed", 1e-7, 8, 16)
