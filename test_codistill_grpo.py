@@ -983,3 +983,20 @@ def test_a_run_with_only_its_first_line_half_written(tmp_path):
     (run / "metrics.jsonl").write_text('{"iteration": 0, "small/te')
     ev.main(["--runs", str(run), "--plot_dir", str(tmp_path / "plots")])
     assert_pngs(tmp_path / "plots")
+
+
+# ===============================================================================================================
+# bench.py: that it runs and writes its documented figures (its numbers are measured by running it, not here)
+
+
+def test_bench_runs_and_writes_its_figures(world, tmp_path):
+    import bench
+    bench.main(["--lengths", "4", "--iterations", "1", "--batch_size", "2", "--logprob_seqs", "2", "--logprob_len",
+                "8", "--cache_dir", world["cache"], "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    figures = json.load(open(tmp_path / "b.json"))
+    for key in ["step_ratio", "generate_share", "logprob_peak_ratio", "logprob_time_ratio", "logprob_max_abs_diff",
+                "rollout_speed_ratio", "machine", "versions", "settings"]:
+        assert key in figures
+    assert set(figures["step_ratio"]) == {"4"} and figures["step_ratio"]["4"] > 0
+    assert figures["logprob_max_abs_diff"] < 1e-4
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,213 @@
+"""
+bench.py: how much a CoDistill iteration costs against a GRPO iteration of the large model, and what the lean
+parts of codistill_grpo.py (chunked log-probs, rollouts) cost against the naive ways. A benchmark, not a test.
+
+    python bench.py                                   # the tiny pair on CPU: N = 16, 64, 256
+    python bench.py --lengths 64,256,1024 --json bench.json --plot bench_ratio.png
+    python bench.py --small_model Qwen/Qwen2.5-Math-1.5B --large_model Qwen/Qwen2.5-Math-7B --lengths 512,3072
+
+1. Step time: `codistill_grpo.py` itself runs a few iterations of CoDistill (the small model generates, M = G, and
+   M = 14, G = 8 as in the paper) and of GRPO on the large model (G samples of its own), on the same prompts, and
+   the per-phase times of its metrics.jsonl are compared (median after the first iteration). The tiny models are
+   taken with random weights: they rarely stop early, so completions run to nearly N tokens (the measured mean
+   length is printed; at N = 256 the prompt + completion pass the tiny models' 256 positions, which RoPE computes
+   all the same and which does not change the timing).
+2. Log-prob memory: `token_logprobs` (chunked) against a full log_softmax + gather, at Qwen's vocabulary size, each
+   in its own process, whose peak resident memory is reset before the call and read after it (Linux /proc).
+3. Rollout overhead: `sample` against a bare `model.generate` on the same model and batch.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import codistill_grpo as cg
+
+QWEN_VOCAB = 151_936
+
+
+def run_iterations(algo, a, n, m, g, out, extra=()):
+    """A few iterations of the real loop -> per-phase medians (seconds) after the first iteration."""
+    argv = ["--preset", "tiny", "--cache_dir", a.cache_dir, "--tiny_warmup_small", "0", "--tiny_warmup_large", "0",
+            "--small_model", a.small_model, "--large_model", a.large_model, "--algo", algo,
+            "--max_completion_length", str(n), "--num_samples", str(m), "--group_size", str(g),
+            "--batch_size", str(a.batch_size), "--max_steps", str(a.iterations + 1), "--eval_size", "0",
+            "--save_every", "0", "--keep_checkpoints", "1", "--output_dir", out, "--overwrite", *extra]
+    cg.main(argv)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][2:]  # after iteration 1
+    keys = ["time/step", "time/generate", "time/reward", "time/score", "time/update_small", "time/update_large"]
+    med = {k.split("/")[1]: statistics.median(r[k] for r in rows) for k in keys}
+    med["spread"] = (max(r["time/step"] for r in rows) - min(r["time/step"] for r in rows)) / 2
+    length_key = "policy/completion_length" if algo == "grpo" else "small/completion_length"
+    med["length"] = statistics.mean(r[length_key] for r in rows)
+    return med
+
+
+def step_times(a):
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in a.lengths:
+            grpo = run_iterations("grpo", a, n, 8, 8, os.path.join(tmp, "grpo"), ("--policy", "large"))
+            codistill = run_iterations("codistill", a, n, 8, 8, os.path.join(tmp, "cd"))
+            codistill_14 = run_iterations("codistill", a, n, 14, 8, os.path.join(tmp, "cd14"))
+            results[n] = dict(grpo_large=grpo, codistill=codistill, codistill_m14=codistill_14)
+    return results
+
+
+LOGPROB_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {here!r})
+import codistill_grpo as cg
+from transformers import Qwen2Config, Qwen2ForCausalLM
+torch.manual_seed(0)
+cfg = Qwen2Config(vocab_size={vocab}, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+model = Qwen2ForCausalLM(cfg).eval()
+S, P, L = {seqs}, 8, {length}
+prompt = torch.randint(0, {vocab}, (S, P)); comp = torch.randint(0, {vocab}, (S, L))
+pm, cm = torch.ones_like(prompt), torch.ones_like(comp)
+def kb(field):  # Linux: /proc/self/status, in kB
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
+base = kb("VmRSS")
+t = time.perf_counter()
+with torch.no_grad():
+    if {naive}:
+        ids = torch.cat([prompt, comp], 1)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, P - 1:-1].float()
+        out = logits.log_softmax(-1).gather(-1, comp[..., None]).squeeze(-1)
+    else:
+        out = cg.token_logprobs(model, prompt, pm, comp, cm, 1.0, {chunk})
+seconds = time.perf_counter() - t
+peak = kb("VmHWM") - base
+torch.save(out, {out!r})
+print(seconds, peak * 1024)
+"""
+
+
+def logprob_memory(a):
+    """Peak extra resident memory and time of chunked vs naive log-probs, and their largest difference."""
+    here, res = os.path.dirname(os.path.abspath(__file__)), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, naive in [("naive", True), ("chunked", False)]:
+            out = os.path.join(tmp, name + ".pt")
+            script = LOGPROB_SCRIPT.format(here=here, vocab=QWEN_VOCAB, seqs=a.logprob_seqs, length=a.logprob_len,
+                                           naive=naive, chunk=cg.Args.logprob_chunk, out=out)
+            line = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+            seconds, peak = map(float, line.stdout.split()[-2:])
+            res[name] = dict(seconds=seconds, peak_bytes=peak, values=torch.load(out))
+    diff = (res["naive"]["values"] - res["chunked"]["values"]).abs().max().item()
+    return dict(naive={k: v for k, v in res["naive"].items() if k != "values"},
+                chunked={k: v for k, v in res["chunked"].items() if k != "values"}, max_abs_diff=diff)
+
+
+def rollout_overhead(a):
+    """Tokens/s of cg.sample against a bare model.generate with the same settings, same model and batch."""
+    from transformers import GenerationConfig
+    model = cg.load_model(a.small_model, torch.float32, "cpu", False)
+    tok = cg.load_tokenizer(a.small_model)
+    ids, mask = cg.encode_prompts(tok, [f"What is {i} + {i + 7}" for i in range(64)], "boxed", 64, "cpu")
+    n, eos = max(a.lengths), cg.eos_ids_of(tok, model)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n,
+                              eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    rates = {"ours": [], "bare": []}
+    for _ in range(a.iterations + 1):
+        for name in rates:
+            t = time.perf_counter()
+            if name == "ours":
+                comp = cg.sample(model, ids, mask, n, 1.0, eos, tok.pad_token_id, len(ids))
+            else:
+                with torch.inference_mode():
+                    comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+            rates[name].append(cg.completion_mask(comp, eos).sum().item() / (time.perf_counter() - t))
+    ours, bare = statistics.median(rates["ours"][1:]), statistics.median(rates["bare"][1:])
+    return dict(ours_tokens_per_s=ours, bare_tokens_per_s=bare, ratio=ours / bare)
+
+
+def report(steps, logprobs, rollouts, a):
+    print("\n## Step time: CoDistill against GRPO on the large model (median seconds per iteration)\n")
+    print("| N | mean length | GRPO-large step | generate share | CoDistill (M=G=8) step | ratio | CoDistill (M=14, "
+          "G=8) step | ratio | CoDistill phases: generate / score / update small / update large |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, r in steps.items():
+        g, c, c14 = r["grpo_large"], r["codistill"], r["codistill_m14"]
+        print(f"| {n} | {c['length']:.0f} | {g['step']:.2f} ± {g['spread']:.2f} | {g['generate'] / g['step']:.0%} | "
+              f"{c['step']:.2f} ± {c['spread']:.2f} | {c['step'] / g['step']:.2f} | {c14['step']:.2f} | "
+              f"{c14['step'] / g['step']:.2f} | {c['generate']:.2f} / {c['score']:.2f} / {c['update_small']:.2f} / "
+              f"{c['update_large']:.2f} |")
+    n, c = logprobs["naive"], logprobs["chunked"]
+    print(f"\n## Token log-probs at vocabulary {QWEN_VOCAB:,}, {a.logprob_seqs} x {a.logprob_len} tokens\n")
+    print("| | peak extra memory (MB) | time (s) |\n| --- | --- | --- |")
+    for name, r in [("naive log_softmax + gather", n), ("chunked (ours)", c)]:
+        print(f"| {name} | {r['peak_bytes'] / 2**20:.0f} | {r['seconds']:.2f} |")
+    print(f"\npeak ratio {c['peak_bytes'] / max(n['peak_bytes'], 1):.3f}, time ratio {c['seconds'] / n['seconds']:.2f}, "
+          f"largest difference {logprobs['max_abs_diff']:.2e}")
+    print(f"\n## Rollouts: {rollouts['ours_tokens_per_s']:.0f} tokens/s (ours) vs {rollouts['bare_tokens_per_s']:.0f} "
+          f"(bare generate): ratio {rollouts['ratio']:.3f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--lengths", default="16,64,256", help="completion lengths N to time (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (default: 3)")
+    p.add_argument("--batch_size", type=int, default=8, help="B, prompts per iteration (default: 8)")
+    p.add_argument("--small_model", default="tiny:small", help="small model (default: the tiny world's, random)")
+    p.add_argument("--large_model", default="tiny:large", help="large model (default: the tiny world's, random)")
+    p.add_argument("--cache_dir", default=cg.Args.cache_dir, help="where the tiny world is built")
+    p.add_argument("--logprob_seqs", type=int, default=16, help="sequences in the log-prob comparison (default 16)")
+    p.add_argument("--logprob_len", type=int, default=512, help="tokens per sequence there (default 512)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--plot", help="also draw the step-time ratio against N to this PNG")
+    a = p.parse_args(argv)
+    a.lengths = [int(x) for x in a.lengths.split(",")]
+    world = cg.build_tiny_world(a.cache_dir, 0)
+    a.small_model, a.large_model = [world[m[5:]] if m.startswith("tiny:") else m for m in (a.small_model, a.large_model)]
+    steps, logprobs, rollouts = step_times(a), logprob_memory(a), rollout_overhead(a)
+    report(steps, logprobs, rollouts, a)
+    figures = dict(
+        step_ratio={n: r["codistill"]["step"] / r["grpo_large"]["step"] for n, r in steps.items()},
+        step_ratio_m14={n: r["codistill_m14"]["step"] / r["grpo_large"]["step"] for n, r in steps.items()},
+        generate_share={n: r["grpo_large"]["generate"] / r["grpo_large"]["step"] for n, r in steps.items()},
+        logprob_peak_ratio=logprobs["chunked"]["peak_bytes"] / max(logprobs["naive"]["peak_bytes"], 1),
+        logprob_time_ratio=logprobs["chunked"]["seconds"] / logprobs["naive"]["seconds"],
+        logprob_max_abs_diff=logprobs["max_abs_diff"], rollout_speed_ratio=rollouts["ratio"],
+        steps=steps, logprobs=logprobs, rollouts=rollouts,
+        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cuda=torch.cuda.is_available()),
+        versions=dict(torch=torch.__version__, python=platform.python_version()),
+        settings=dict(vars(a)), date=time.strftime("%Y-%m-%d"))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(figures, f, indent=1)
+    if a.plot:
+        plot(figures, a.plot)
+
+
+def plot(figures, path):
+    """The step-time ratio against N: where co-distillation starts to pay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in [("step_ratio", "M = G = 8"), ("step_ratio_m14", "M = 14, G = 8")]:
+        lengths = [int(n) for n in figures[key]]
+        ax.plot(lengths, list(figures[key].values()), marker="o", label=f"CoDistill ({label})")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.axhline(0.82, color="gray", ls="--", lw=0.8, label="the paper's 0.82")
+    ax.set(xscale="log", xlabel="completion length N", ylabel="step time / GRPO-large step time")
+    ax.set_xticks(lengths, [str(n) for n in lengths], minor=False)
+    ax.minorticks_off()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+if __name__ == "__main__":
+    main()
