@@ -878,11 +878,12 @@ def prepare_output_dir(a, resuming):
         if not a.overwrite:
             raise BadInput(f"--output_dir {a.output_dir} already holds a run ({', '.join(sorted(previous)[:3])}): "
                            "add --resume to continue it, --overwrite to start afresh, or choose another folder")
-        for d in map(lambda d: os.path.join(a.output_dir, d), previous):
-            if os.path.isdir(d):
-                shutil.rmtree(d)
+        for d in previous:
+            path = os.path.join(a.output_dir, d)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
             else:
-                os.remove(d)
+                os.remove(path)
 
 
 def open_reporter(a):
