@@ -17,7 +17,8 @@ Run it:
     python codistill_grpo.py --preset qwen0.5b              # one GPU, Qwen2.5-0.5B / 1.5B on GSM8K
     python codistill_grpo.py                                # the paper's Qwen setting (Table 3), one process
     python codistill_grpo.py --output_dir runs/tiny --resume  # continue a stopped run exactly
-(torchrun with several ranks is refused for now, rather than run unsynchronised copies: DDP/FSDP2 come next.)
+    torchrun --nproc_per_node=8 codistill_grpo.py          # 8 GPUs: DDP, B prompts per rank
+    torchrun --nproc_per_node=8 codistill_grpo.py --fsdp   # 8 GPUs: both models sharded with FSDP2
 
 Deliberate choices where the paper is silent (each is a flag):
 - clip range eps = 0.2 and sampling temperature tau = 1.0 (the usual GRPO values; the paper gives neither).
@@ -39,9 +40,11 @@ import re
 import shutil
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -81,6 +84,8 @@ class Args:
     output_dir: str = arg("runs/codistill", "where metrics.jsonl and checkpoint-<iteration>/ go")
     cache_dir: str = arg(os.path.join(os.path.expanduser("~"), ".cache", "codistill_grpo"),
                          "where the tiny offline world is built and cached")
+    tiny_seed: int = arg(0, "tiny world: seed of its problems and base models, apart from --seed so that runs with "
+                         "different seeds start from the same base models")
     tiny_warmup_small: int = arg(0, "tiny world: supervised warm-up steps that make the small model a base model")
     tiny_warmup_large: int = arg(0, "tiny world: supervised warm-up steps of the large model (longer: a stronger base)")
     # the paper's symbols
@@ -111,7 +116,10 @@ class Args:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (never while generating)")
     dtype: str = arg("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16",
                      choices=["auto", "float32", "bfloat16"])
-    seed: int = arg(0, "random seed (data order, sampling, initialisation of the tiny world)")
+    fsdp: bool = arg(False, "under torchrun: shard both models with FSDP2 (each decoder layer, then the root) "
+                     "instead of DDP; with bf16 (--dtype auto on GPU) fp32 master weights, bf16 compute, fp32 "
+                     "gradient reduction")
+    seed: int = arg(0, "random seed (data order, sampling)")
     save_every: int = arg(100, "save a checkpoint every this many iterations (and at the end); 0 = only at the end")
     keep_checkpoints: int = arg(3, "keep only the newest this many checkpoints; 0 keeps all")
     resume: str = arg("", "continue a run: alone, from the newest complete checkpoint in --output_dir; or from PATH "
@@ -429,7 +437,7 @@ def build_tiny_world(cache_dir, seed, warmup_steps=(0, 0)):
     paths = {name: os.path.join(root, name) for name in ["small", "large"]}
     paths.update(train=os.path.join(root, "train.jsonl"), test=os.path.join(root, "test.jsonl"))
     if os.path.exists(os.path.join(root, "DONE")):
-        print(f"tiny offline world: {root} (cached)")
+        print0(f"tiny offline world: {root} (cached)")
         return paths
     print(f"building the tiny offline world in {root}")
     tmp = f"{root}.tmp{os.getpid()}"
@@ -458,7 +466,12 @@ def resolve_tiny(a):
     """Replace the preset's 'tiny:NAME' placeholders by the paths of the built tiny world."""
     fields = ["small_model", "large_model", "dataset", "eval_dataset"]
     if any(getattr(a, f).startswith("tiny:") for f in fields):
-        paths = build_tiny_world(a.cache_dir, a.seed, (a.tiny_warmup_small, a.tiny_warmup_large))
+        build = lambda: build_tiny_world(a.cache_dir, a.tiny_seed, (a.tiny_warmup_small, a.tiny_warmup_large))
+        if dist.is_initialized():  # torchrun: one process per machine builds it, the others then read it
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                build()
+            dist.barrier()
+        paths = build()
         for f in fields:
             v = getattr(a, f)
             if v.startswith("tiny:"):
@@ -550,8 +563,9 @@ def completion_mask(completion_ids, eos_ids):
 
 
 @torch.inference_mode()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, batch_size):
-    """Completions sampled with HF generate (KV cache, ancestral sampling: top_k=0, top_p=1) -> (S, L <= N)."""
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, batch_size, synced=False):
+    """Completions sampled with HF generate (KV cache, ancestral sampling: top_k=0, top_p=1) -> (S, L <= N).
+    synced (FSDP2): ranks keep stepping together until all are done, as their layers gather in step."""
     from transformers import GenerationConfig
     was_training = model.training
     model.eval()
@@ -560,7 +574,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     P, outs = prompt_ids.shape[1], []
     for i in range(0, len(prompt_ids), batch_size):
         out = model.generate(input_ids=prompt_ids[i:i + batch_size], attention_mask=prompt_mask[i:i + batch_size],
-                             generation_config=config)
+                             generation_config=config, synced_gpus=synced)
         outs.append(out[:, P:])
     model.train(was_training)
     return pad_right(outs, pad_id)
@@ -578,7 +592,7 @@ def pad_right(seqs, pad_id):
     return torch.cat([F.pad(s, (0, L - s.shape[1]), value=pad_id) for s in seqs])
 
 
-def rollout(small, large, prompt_ids, prompt_mask, a, eos_ids, pad_id, hints):
+def rollout(small, large, prompt_ids, prompt_mask, a, eos_ids, pad_id, hints, synced=False):
     """M completions per prompt from the small model; with hints, the large model writes their first T tokens.
 
     -> completion ids (B*M, L), completion mask (B*M, L), hint mask (B*M, L): 1 on the large model's tokens.
@@ -586,16 +600,18 @@ def rollout(small, large, prompt_ids, prompt_mask, a, eos_ids, pad_id, hints):
     M, N, T = a.num_samples, a.max_completion_length, a.hint_tokens
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
     if not hints:
-        comp = sample(small, prompt_ids, prompt_mask, N, a.temperature, eos_ids, pad_id, a.gen_batch_size)
+        comp = sample(small, prompt_ids, prompt_mask, N, a.temperature, eos_ids, pad_id, a.gen_batch_size, synced)
         return comp, completion_mask(comp, eos_ids), torch.zeros_like(comp)
-    hint = sample(large, prompt_ids, prompt_mask, T, a.temperature, eos_ids, pad_id, a.gen_batch_size)  # (B*M, <=T)
+    hint = sample(large, prompt_ids, prompt_mask, T, a.temperature, eos_ids, pad_id, a.gen_batch_size,
+                  synced)  # (B*M, <=T)
     hint_len = completion_mask(hint, eos_ids).sum(1).tolist()  # a hint that ends in EOS is a whole completion
     # the small model continues prompt + hint: re-pad on the left, since hints differ in length
     rows = [torch.cat([p[m.bool()], h[:n]]) for p, m, h, n in zip(prompt_ids, prompt_mask, hint, hint_len)]
     P = max(len(r) for r in rows)
     ctx = torch.stack([F.pad(r, (P - len(r), 0), value=pad_id) for r in rows])  # (B*M, P')
     ctx_mask = torch.stack([F.pad(torch.ones_like(r), (P - len(r), 0)) for r in rows])
-    cont = sample(small, ctx, ctx_mask, N - T, a.temperature, eos_ids, pad_id, a.gen_batch_size)  # (B*M, <=N-T)
+    cont = sample(small, ctx, ctx_mask, N - T, a.temperature, eos_ids, pad_id, a.gen_batch_size,
+                  synced)  # (B*M, <=N-T)
     comp = pad_right([torch.cat([h[:n], c]) for h, n, c in zip(hint, hint_len, cont)], pad_id)  # (B*M, L <= N)
     hint_mask = (torch.arange(comp.shape[1], device=comp.device)[None] < torch.tensor(hint_len, device=comp.device)[:, None])
     return comp, completion_mask(comp, eos_ids), hint_mask.long()
@@ -633,14 +649,136 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
 
 
 @torch.no_grad()
-def score(model, prompt_ids, prompt_mask, comp, mask, a):
-    """Old-policy log-probs of all sequences, in micro-batches, no grad -> (S, L)."""
-    was_training = model.training
-    model.eval()
+def score(scorer, prompt_ids, prompt_mask, comp, mask, a):
+    """Old-policy log-probs of all sequences, in micro-batches, no grad: scorer is a model's TokenLogprobs
+    (maybe wrapped, see parallelize) -> (S, L)."""
+    was_training = scorer.training
+    scorer.eval()
     mb = a.micro_batch_size
-    out = torch.cat([token_logprobs(model, prompt_ids[i:i + mb], prompt_mask[i:i + mb], comp[i:i + mb],
-                                    mask[i:i + mb], a.temperature, a.logprob_chunk) for i in range(0, len(comp), mb)])
-    model.train(was_training)
+    out = torch.cat([scorer(prompt_ids[i:i + mb], prompt_mask[i:i + mb], comp[i:i + mb], mask[i:i + mb],
+                            a.temperature, a.logprob_chunk) for i in range(0, len(comp), mb)])
+    scorer.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed (torchrun): one process per device, B prompts each. Without torchrun's variables, one process and
+# every helper below is a no-op.
+
+
+def setup_distributed():
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when RANK is set -> this rank's device."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if not cuda:
+        return torch.device("cpu")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*args, **kw):
+    if rank() == 0:
+        print(*args, **kw)
+
+
+class TokenLogprobs(torch.nn.Module):
+    """token_logprobs() as the forward of a module: the module DDP and FSDP2 wrap, so that their hooks see each
+    forward and backward (token_logprobs calls the decoder and the head separately, to chunk the head)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk):
+        # .clone(): FSDP2 hooks the backward on the output, which must not be a view
+        return token_logprobs(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                              chunk).clone()  # (S, L)
+
+
+def parallelize(model, a, trained, compute_dtype):
+    """The log-prob module of a model. One process: as is. torchrun: DDP-wrapped when trained (a frozen model is
+    simply replicated); with --fsdp, sharded by FSDP2: each decoder layer a unit, the root unit holding the
+    embeddings, final norm and head (tied embeddings stay in one unit), compute in compute_dtype, fp32 reduction."""
+    scorer = TokenLogprobs(model)
+    if not dist.is_initialized() or not (trained or a.fsdp):
+        return scorer
+    if not a.fsdp:
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids, broadcast_buffers=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                              reduce_dtype=torch.float32)
+    if not hasattr(model.get_decoder(), "layers"):
+        raise BadInput(f"--fsdp: {type(model).__name__} has no decoder .layers to shard")
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(scorer, mp_policy=mp)
+
+
+@contextmanager
+def generating(scorers):
+    """FSDP2 around generate(), which runs the inner model and not the root's forward: the root unit's parameters
+    (embeddings, norm, head) are gathered here, and each layer keeps its parameters gathered from its first
+    decoding step to the end, rather than gathering them again at every token. Elsewhere a no-op."""
+    from torch.distributed.fsdp import FSDPModule
+    roots = [s for s in scorers if isinstance(s, FSDPModule)]
+    layers = [m for r in roots for m in r.modules() if isinstance(m, FSDPModule) and m is not r]
+    for m in layers:
+        if hasattr(m, "set_reshard_after_forward"):  # older torch: gathered again at each token (slower, same result)
+            m.set_reshard_after_forward(False, recurse=False)
+    for r in roots:
+        r.unshard()
+    try:
+        yield
+    finally:
+        for m in layers:
+            if hasattr(m, "set_reshard_after_forward"):
+                m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+        for r in roots:
+            r.reshard()
+
+
+def full_state_dict(scorer):
+    """A model's whole state dict on CPU with Hugging Face names; under FSDP2 gathered from the shards (a
+    collective: every rank calls it, rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("lm."): v for k, v in sd.items()}
+
+
+def all_reduce(values, op=dist.ReduceOp.SUM):
+    """A list of floats reduced across ranks; as is in one process."""
+    if not dist.is_initialized() or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def reduce_metrics(m):
+    """Metrics of the global batch. Ranks hold equal shares, so means are averaged across ranks; maxima and
+    times (the slowest rank) are maxed; throughputs and counts are summed. Per-token means (ratio_mean,
+    clip_frac) are averaged per rank, not per token. Every rank has the same keys, so they line up."""
+    if not dist.is_initialized():
+        return m
+    out = dict(m)
+    floats = sorted(k for k, v in m.items() if isinstance(v, float))
+    maxed = [k for k in floats if k.endswith("_max") or k.startswith("time/")]
+    summed = [k for k in floats if k in ("tokens_per_s", "grade_timeouts")]
+    means = [k for k in floats if k not in maxed + summed]
+    out.update(zip(maxed, all_reduce([m[k] for k in maxed], dist.ReduceOp.MAX)))
+    out.update(zip(summed, all_reduce([m[k] for k in summed])))
+    out.update({k: v / world() for k, v in zip(means, all_reduce([m[k] for k in means]))})
     return out
 
 
@@ -700,18 +838,20 @@ def make_optimizer(model, lr, a, total_steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a):
-    """One clipped policy-gradient step over S sequences in micro-batches -> metrics. The loss of each micro-batch
-    is weighted by its share of S, so the accumulated gradient is that of the mean over all S sequences."""
-    model.train()
+def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a):
+    """One clipped policy-gradient step over this rank's S sequences in micro-batches -> metrics. The loss of each
+    micro-batch is weighted by its share of S, so the accumulated gradient is that of the mean over S sequences;
+    DDP / FSDP2 average it over the ranks (equal S each): the mean over the global batch."""
+    scorer.train()
     S, mb, N, eps = len(comp), a.micro_batch_size, a.max_completion_length, a.clip_eps
     stats = dict(loss=0.0, ratio_sum=0.0, ratio_max=0.0, clipped=0.0, tokens=0.0)
     for i in range(0, S, mb):
         j = slice(i, i + mb)
-        logp = token_logprobs(model, prompt_ids[j], prompt_mask[j], comp[j], mask[j], a.temperature,
-                              a.logprob_chunk)  # (mb, L)
-        loss = policy_loss(logp, logp_old[j], advantages[j], mask[j], N, eps) * (len(logp) / S)
-        loss.backward()
+        last = i + mb >= S  # DDP: gradients are averaged once, after the last micro-batch
+        with scorer.no_sync() if hasattr(scorer, "no_sync") and not last else nullcontext():
+            logp = scorer(prompt_ids[j], prompt_mask[j], comp[j], mask[j], a.temperature, a.logprob_chunk)  # (mb, L)
+            loss = policy_loss(logp, logp_old[j], advantages[j], mask[j], N, eps) * (len(logp) / S)
+            loss.backward()
         with torch.no_grad():
             m = mask[j].bool()
             ratio = torch.exp((logp - logp_old[j]).clamp(-20.0, 20.0))[m]
@@ -720,7 +860,8 @@ def update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, adv
             stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item() if ratio.numel() else 0.0)
             stats["clipped"] += ((ratio - 1).abs() > eps).sum().item()
             stats["tokens"] += m.sum().item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), a.max_grad_norm)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2: DTensor
     lr = sched.get_last_lr()[0]
     skipped = not math.isfinite(grad_norm)  # a NaN/inf loss or gradient: skip the step, keep the weights
     if skipped:
@@ -740,7 +881,7 @@ def update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, adv
 
 @torch.inference_mode()
 def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_length, eos_ids, batch_size,
-             temperature=0.0):
+             temperature=0.0, synced=False):
     """Completion texts (up to the first EOS) for a list of problems: greedy when temperature == 0, else sampled
     at that temperature with top_k=0, top_p=1. Shared by the trainer's held-out accuracy and eval.py."""
     from transformers import GenerationConfig
@@ -754,61 +895,67 @@ def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_le
     for i in tqdm(range(0, len(problems), batch_size), desc="generating", leave=False,
                   disable=len(problems) <= batch_size):
         ids, mask = encode_prompts(tokenizer, problems[i:i + batch_size], template, max_prompt_length, device)
-        comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+        comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                              synced_gpus=synced)[:, ids.shape[1]:]
         texts += decode(tokenizer, comp, completion_mask(comp, eos_ids))
     model.train(was_training)
     return texts
 
 
-def heldout_accuracy(model, tokenizer, rows, a, eos_ids):
-    """Greedy accuracy on held-out problems (the paper's Figure 3)."""
-    texts = complete(model, tokenizer, [r["problem"] for r in rows], a.template, a.max_completion_length,
-                     a.max_prompt_length, eos_ids, a.gen_batch_size)
-    return sum(accuracy_reward(t, r["answer"], a.template, a.grade_timeout) for t, r in zip(texts, rows)) / len(rows)
+def heldout_accuracy(model, tokenizer, rows, a, eos_ids, synced=False):
+    """Greedy accuracy on held-out problems (the paper's Figure 3). Under torchrun each rank scores every
+    world()-th problem; the shares are padded to one length (padding not counted) so that ranks stay in step."""
+    R, W = rank(), world()
+    idx = list(range(R, -(-len(rows) // W) * W, W))  # this rank's problems; indices past the end are padding
+    texts = complete(model, tokenizer, [rows[i % len(rows)]["problem"] for i in idx], a.template,
+                     a.max_completion_length, a.max_prompt_length, eos_ids, a.gen_batch_size, synced=synced)
+    correct = sum(accuracy_reward(t, rows[i]["answer"], a.template, a.grade_timeout)
+                  for t, i in zip(texts, idx) if i < len(rows))
+    return all_reduce([correct])[0] / len(rows)
 
 
-def rng_state():
-    state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)
-    except ImportError:
-        pass
-    return state
+def lm_of(scorer):
+    """The Hugging Face model inside a (maybe DDP-wrapped) TokenLogprobs."""
+    return getattr(scorer, "module", scorer).lm
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+def optimizer_state(scorer, opt):
+    """An optimizer's state keyed by parameter names, whole, on CPU (under FSDP2 gathered: every rank calls it):
+    it loads into any world size, with or without --fsdp."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(scorer, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(models, optims, tokenizer, a, iteration):
+def load_optimizer_state(scorer, opt, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    options = StateDictOptions(full_state_dict=isinstance(scorer, FSDPModule))  # whole -> this rank's shards
+    set_optimizer_state_dict(scorer, opt, optim_state_dict=state, options=options)
+
+
+def save_checkpoint(scorers, optims, tokenizer, a, iteration):
     """OUTPUT_DIR/checkpoint-<iteration>/: a Hugging Face folder per trained model, trainer_state.pt (optimizers,
-    schedulers, RNG states, iteration) and args.json; written aside and renamed into place, then the `latest`
-    pointer, then older checkpoints beyond --keep_checkpoints are removed. A crash at any point leaves the
-    previous checkpoint whole."""
-    for name, model in models.items():  # NaN weights never reach a checkpoint
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise RuntimeError(f"the {name} model has non-finite weights at iteration {iteration}: not saved")
+    schedulers, iteration) and args.json; written aside and renamed into place, then the `latest` pointer, then
+    older checkpoints beyond --keep_checkpoints are removed. A crash at any point leaves the previous checkpoint
+    whole. Under torchrun every rank calls it (FSDP2 gathers the shards) and rank 0 writes."""
+    weights = {n: full_state_dict(s) for n, s in scorers.items()}  # whole on rank 0
+    optimizers = {n: optimizer_state(scorers[n], opt) for n, (opt, sched) in optims.items()}
     final = os.path.join(a.output_dir, f"checkpoint-{iteration}")
+    if rank() != 0:
+        dist.barrier()  # wait until rank 0 has written it
+        return final
+    for name, sd in weights.items():  # NaN weights never reach a checkpoint
+        if not all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()):
+            raise RuntimeError(f"the {name} model has non-finite weights at iteration {iteration}: not saved")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, model in models.items():
-        model.save_pretrained(os.path.join(tmp, name))
+    for name, scorer in scorers.items():
+        model = lm_of(scorer)
+        model.save_pretrained(os.path.join(tmp, name), state_dict=weights[name])
         tokenizer.save_pretrained(os.path.join(tmp, name))
         if hasattr(model, "own_generation_config"):  # users of the checkpoint get the model's own settings
             model.own_generation_config.save_pretrained(os.path.join(tmp, name))
-    torch.save(dict(iteration=iteration, rng=rng_state(),
-                    optimizers={n: opt.state_dict() for n, (opt, sched) in optims.items()},
+    torch.save(dict(iteration=iteration, optimizers=optimizers,
                     schedulers={n: sched.state_dict() for n, (opt, sched) in optims.items()}),
                os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
@@ -819,6 +966,8 @@ def save_checkpoint(models, optims, tokenizer, a, iteration):
     if a.keep_checkpoints:
         for old in checkpoints_in(a.output_dir)[:-a.keep_checkpoints]:
             shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
     return final
 
 
@@ -916,14 +1065,18 @@ def train(a):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # per-shard bars would drown ours
     check_args(a)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # 8 unsynchronised copies would be silently wrong
-        raise BadInput("torchrun with WORLD_SIZE > 1 is not supported yet: this version trains in one process")
+    device = setup_distributed()  # torchrun: one process per device; otherwise one process
+    R, W = rank(), world()
+    fsdp = a.fsdp and dist.is_initialized()
+    if a.fsdp and not fsdp:
+        print("note: --fsdp takes effect under torchrun; one process trains unsharded")
     resolve_tiny(a)
     # everything the user can get wrong is checked before any model is loaded
     train_rows = training_problems(a.dataset)
     eval_rows = load_problems(a.eval_dataset, "test")[:a.eval_size] if a.eval_size else []
-    if len(train_rows) < a.batch_size:
-        raise BadInput(f"--dataset {a.dataset}: {len(train_rows)} problems, fewer than --batch_size {a.batch_size}")
+    if len(train_rows) < a.batch_size * W:
+        raise BadInput(f"--dataset {a.dataset}: {len(train_rows)} problems, fewer than one global batch "
+                       f"(--batch_size {a.batch_size} x {W} ranks)")
     needs = {"codistill": ["small", "large"], "kdrl": ["small", "large"], "grpo": [a.policy]}[a.algo]  # loaded
     trained = {"codistill": ["small", "large"], "kdrl": ["small"], "grpo": [a.policy]}[a.algo]  # updated
     prefix = {n: ("policy" if a.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
@@ -934,60 +1087,69 @@ def train(a):
     tokenizer = load_tokenizer(names[needs[0]])
     if len(needs) == 2:
         check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
-    prepare_output_dir(a, resuming=state is not None)
+    if R == 0:
+        prepare_output_dir(a, resuming=state is not None)
+    if dist.is_initialized():
+        dist.barrier()
 
     torch.manual_seed(a.seed)
-    random.seed(a.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[a.dtype]
-    models = {n: load_model(names[n], dtype, device, a.gradient_checkpointing) for n in needs}
+    # FSDP2 keeps fp32 master weights and computes in dtype (its mixed precision); otherwise weights are in dtype
+    models = {n: load_model(names[n], torch.float32 if fsdp else dtype, device, a.gradient_checkpointing)
+              for n in needs}
+    scorers = {n: parallelize(models[n], a, n in trained, dtype) for n in needs}  # log-prob modules, DDP / FSDP2
     eos_ids, pad_id = eos_ids_of(tokenizer, *models.values()), tokenizer.pad_token_id
     GRADER["timeouts"] = 0
 
-    total_steps = a.max_steps or a.epochs * (len(train_rows) // a.batch_size)
+    B, M, G, N = a.batch_size, a.num_samples, a.group_size, a.max_completion_length
+    total_steps = a.max_steps or a.epochs * (len(train_rows) // (B * W))
     lrs = {"small": a.lr_small, "large": a.lr_large}
-    optims = {n: make_optimizer(models[n], lrs[n], a, total_steps) for n in trained}
+    optims = {n: make_optimizer(scorers[n], lrs[n], a, total_steps) for n in trained}
     if state:
         for n in trained:
-            optims[n][0].load_state_dict(state["optimizers"][prefix[n]])
+            load_optimizer_state(scorers[n], optims[n][0], state["optimizers"][prefix[n]])
             optims[n][1].load_state_dict(state["schedulers"][prefix[n]])
-    with open(os.path.join(a.output_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(a), f, indent=1)
     metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
-    if state:  # rows written after the checkpoint are written again, identically, by the resumed run
-        with open(metrics_path) as f:
-            rows = [l for l in f if l.strip().endswith("}") and json.loads(l)["iteration"] <= state["iteration"]]
-        write_atomically(metrics_path, "".join(rows))
-    metrics_file = open(metrics_path, "a")
-    report = open_reporter(a)
+    if R == 0:  # rank 0 writes the run's files
+        with open(os.path.join(a.output_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(a), f, indent=1)
+        if state:  # rows written after the checkpoint are written again, identically, by the resumed run
+            with open(metrics_path) as f:
+                rows = [l for l in f if l.strip().endswith("}") and json.loads(l)["iteration"] <= state["iteration"]]
+            write_atomically(metrics_path, "".join(rows))
+        metrics_file = open(metrics_path, "a")
+        report = open_reporter(a)
 
-    def log(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        report(row, row["iteration"])
+    def log(row):  # every rank calls it: the reduction is collective
+        row = reduce_metrics(row)
+        if R == 0:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            report(row, row["iteration"])
+        return row
 
-    def evaluate(names_):
-        return {f"{prefix[n]}/test_accuracy": heldout_accuracy(models[n], tokenizer, eval_rows, a, eos_ids)
-                for n in names_} if eval_rows else {}
+    def evaluate(names_):  # greedy held-out accuracy, shared out over the ranks
+        with generating([scorers[n] for n in names_]):
+            return {f"{prefix[n]}/test_accuracy": heldout_accuracy(models[n], tokenizer, eval_rows, a, eos_ids,
+                                                                   synced=fsdp) for n in names_} if eval_rows else {}
 
     start = state["iteration"] + 1 if state else 1
-    print(f"algo {a.algo}: training {', '.join(trained)} for iterations {start}..{total_steps} "
-          f"({len(train_rows)} problems, B={a.batch_size}, M={a.num_samples}, G={a.group_size}) -> {a.output_dir}")
-    if state:
-        set_rng_state(state["rng"])
-    else:
-        row = dict(iteration=0, **evaluate(needs))
-        log(row)
-        print(" ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iteration"))
+    print0(f"algo {a.algo}: training {', '.join(trained)} for iterations {start}..{total_steps} ({len(train_rows)} "
+           f"problems, {W} rank(s) x B={B}, M={M}, G={G}{', FSDP2' if fsdp else ''}) -> {a.output_dir}")
+    if not state:
+        row = log(dict(iteration=0, **evaluate(needs)))
+        print0(" ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iteration"))
 
-    B, M, G, N = a.batch_size, a.num_samples, a.group_size, a.max_completion_length
-    rollout_model = models["small"] if "small" in models else models[a.policy]
-    bar = tqdm(range(start, total_steps + 1), desc=a.algo, dynamic_ncols=True, initial=start - 1, total=total_steps)
+    roller = "small" if "small" in models else a.policy  # the model that samples the rollouts
+    bar = tqdm(range(start, total_steps + 1), desc=a.algo, dynamic_ncols=True, initial=start - 1, total=total_steps,
+               disable=R != 0)
     for it in bar:
         t_step = time.perf_counter()
-        epoch, rows = batch_indices(len(train_rows), B, a.seed, it)
-        batch = [train_rows[i] for i in rows]
+        epoch, rows = batch_indices(len(train_rows), B * W, a.seed, it)  # the global batch of the iteration
+        batch = [train_rows[i] for i in rows[R * B:(R + 1) * B]]  # this rank's share
+        # sampling seeded by (seed, iteration, rank): a resumed run samples what the straight run would have
+        torch.manual_seed(hash((a.seed, it, R)) % 2**63)  # (the hash of a tuple of ints is not randomised)
         m = dict(iteration=it, epoch=epoch)
 
         # 1. rollouts: M completions per prompt from the small model (hint prefixes from the large one in epoch 1)
@@ -995,8 +1157,9 @@ def train(a):
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [r["problem"] for r in batch], a.template,
                                                  a.max_prompt_length, device)  # (B, P)
         hints = a.hint_tokens > 0 and epoch == 0
-        comp, mask, hint_mask = rollout(rollout_model, models.get("large"), prompt_ids, prompt_mask, a, eos_ids,
-                                        pad_id, hints)  # (B*M, L) each
+        with generating([scorers[roller]] + ([scorers["large"]] if hints else [])):
+            comp, mask, hint_mask = rollout(models[roller], models.get("large"), prompt_ids, prompt_mask, a,
+                                            eos_ids, pad_id, hints, synced=fsdp)  # (B*M, L) each
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
         m["time/generate"] = time.perf_counter() - t
 
@@ -1010,7 +1173,7 @@ def train(a):
         fmt = torch.tensor([format_reward(x) if a.template == "r1" else 0.0 for x in texts], device=device)
         rewards = acc + fmt  # (B*M,)
         m["time/reward"] = time.perf_counter() - t
-        m["grade_timeouts"] = GRADER["timeouts"] - timeouts
+        m["grade_timeouts"] = float(GRADER["timeouts"] - timeouts)
 
         # 3. scoring: old log-probs, no grad; 4. KD reward of Eq. (6)
         t = time.perf_counter()
@@ -1018,8 +1181,8 @@ def train(a):
             keep = downsample(rewards.view(B, M), G)  # (B, G)
             rewards_kd = rewards
         else:
-            logp_small_old = score(models["small"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
-            logp_large_old = score(models["large"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
+            logp_small_old = score(scorers["small"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
+            logp_large_old = score(scorers["large"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
             kd = kd_reward(logp_large_old, logp_small_old, mask, N)  # (B*M,)
             rewards_kd = rewards + a.alpha * kd  # (B*M,)  Eq. (6)
             # 5. downsampling by r~ (Sec. 3.3)
@@ -1028,7 +1191,7 @@ def train(a):
         flat = (keep + torch.arange(B, device=keep.device)[:, None] * M).reshape(-1)  # (B*G,) rows into B*M
         k_prompt, k_pmask, k_comp, k_mask = prompt_ids[flat], prompt_mask[flat], comp[flat], mask[flat]
         if a.algo == "grpo":
-            logp_old = score(models[a.policy], k_prompt, k_pmask, k_comp, k_mask, a)  # (B*G, L)
+            logp_old = score(scorers[a.policy], k_prompt, k_pmask, k_comp, k_mask, a)  # (B*G, L)
         m["time/score"] = time.perf_counter() - t
 
         # 6. advantages over the kept G
@@ -1041,7 +1204,7 @@ def train(a):
             m[f"time/update_{n}"] = 0.0
         if a.algo == "grpo":
             t = time.perf_counter()
-            stats = update(models[a.policy], *optims[a.policy], k_prompt, k_pmask, k_comp, k_mask, logp_old,
+            stats = update(scorers[a.policy], *optims[a.policy], k_prompt, k_pmask, k_comp, k_mask, logp_old,
                            adv_large, a)
             m[f"time/update_{a.policy}"] = time.perf_counter() - t
         else:
@@ -1053,13 +1216,13 @@ def train(a):
                 small_old = torch.where(hint_kept.bool(), logp_large_old[flat], small_old)
             elif a.hint_ratio == "ignore":  # option (ii): hint tokens left out of the small loss
                 small_mask = k_mask * (1 - hint_kept)
-            stats = update(models["small"], *optims["small"], k_prompt, k_pmask, k_comp, small_mask, small_old,
+            stats = update(scorers["small"], *optims["small"], k_prompt, k_pmask, k_comp, small_mask, small_old,
                            adv_small, a)
             m["time/update_small"] = time.perf_counter() - t
             # 8. large step, Eq. (10): rho = pi_theta / pi_phi_old, the original-reward advantages of Eq. (3)
             if a.algo == "codistill":
                 t = time.perf_counter()
-                stats_large = update(models["large"], *optims["large"], k_prompt, k_pmask, k_comp, k_mask,
+                stats_large = update(scorers["large"], *optims["large"], k_prompt, k_pmask, k_comp, k_mask,
                                      logp_small_old[flat], adv_large, a)
                 m.update({f"large/{k}": v for k, v in stats_large.items()})
                 m["time/update_large"] = time.perf_counter() - t
@@ -1087,15 +1250,16 @@ def train(a):
 
         if (a.eval_every and it % a.eval_every == 0) or it == total_steps:
             m.update(evaluate(trained))
-        log(m)  # before the checkpoint: a crash in between re-runs this iteration on resume, no row is lost
+        m = log(m)  # before the checkpoint: a crash in between re-runs this iteration on resume, no row is lost
         if (a.save_every and it % a.save_every == 0) or it == total_steps:
-            save_checkpoint({prefix[n]: models[n] for n in trained}, {prefix[n]: optims[n] for n in trained},
+            save_checkpoint({prefix[n]: scorers[n] for n in trained}, {prefix[n]: optims[n] for n in trained},
                             tokenizer, a, it)
         bar.set_postfix({k.split("/")[-1][:8]: f"{v:.3f}" for k, v in m.items()
                          if k in (f"{p}/accuracy", f"{p}/zero_accuracy_frac", f"{p}/test_accuracy", "time/step")})
-        if "small/test_accuracy" in m or "policy/test_accuracy" in m:
+        if R == 0 and ("small/test_accuracy" in m or "policy/test_accuracy" in m):
             tqdm.write(f"iteration {it}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.endswith("test_accuracy")))
-    metrics_file.close()
+    if R == 0:
+        metrics_file.close()
     return models
 
 
@@ -1106,6 +1270,9 @@ def main(argv=None):
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def test_loss_scale_does_not_depend_on_micro_batch_size(tiny):
         opt = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD: the step is the gradient itself
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         a = cg.Args(micro_batch_size=mb, max_completion_length=5, max_grad_norm=1e9)
-        cg.update(model, opt, sched, ids, pmask, comp, cmask, old, adv, a)
+        cg.update(cg.TokenLogprobs(model), opt, sched, ids, pmask, comp, cmask, old, adv, a)
         after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     before = torch.cat([p.detach().flatten() for p in model0.parameters()])
     assert not torch.allclose(after[0], before)
@@ -256,8 +256,8 @@ def test_gradient_checkpointing_gives_the_same_step(world, tiny):
             old = cg.token_logprobs(model, ids, pmask, comp, cmask, 1.0, 64) - 0.1
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         a = cg.Args(micro_batch_size=2, max_completion_length=6, max_grad_norm=1e9)
-        cg.update(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ids, pmask, comp, cmask, old,
-                  torch.tensor([1.0, -1.0]), a)
+        cg.update(cg.TokenLogprobs(model), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ids, pmask,
+                  comp, cmask, old, torch.tensor([1.0, -1.0]), a)
         after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(after[0], after[1], atol=1e-6)
 
@@ -676,7 +676,7 @@ def test_a_non_finite_gradient_skips_the_step(tiny):
     ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2"] * 2, "boxed", 64, "cpu")
     comp = torch.randint(1, len(tok) - 1, (2, 4))
     opt, sched = cg.make_optimizer(model, 1e-2, cg.Args(), total_steps=10)
-    stats = cg.update(model, opt, sched, ids, pmask, comp, torch.ones_like(comp), torch.zeros(2, 4),
+    stats = cg.update(cg.TokenLogprobs(model), opt, sched, ids, pmask, comp, torch.ones_like(comp), torch.zeros(2, 4),
                       torch.tensor([float("nan"), 1.0]), cg.Args(max_completion_length=4))
     assert stats["skipped_step"] == 1.0 and not math.isfinite(stats["grad_norm"])
     for p, p0 in zip(model.parameters(), model0.parameters()):
@@ -691,7 +691,7 @@ def test_nan_weights_never_reach_a_checkpoint(world, tiny, tmp_path):
         next(model.parameters())[0, 0] = float("nan")
     a = cg.Args(output_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="non-finite"):
-        cg.save_checkpoint({"small": model}, {}, tok, a, 1)
+        cg.save_checkpoint({"small": cg.TokenLogprobs(model)}, {}, tok, a, 1)
     assert not (tmp_path / "checkpoint-1").exists()
 
 
