@@ -144,9 +144,9 @@ PRESETS = {
         lr_small=1e-6, lr_large=1e-6, epochs=1, max_steps=200, gradient_checkpointing=True),
     "tiny": dict(  # offline, CPU: models and data built locally by build_tiny_world()
         small_model="tiny:small", large_model="tiny:large", dataset="tiny:train", eval_dataset="tiny:test",
-        template="boxed", eval_size=200, eval_every=10, batch_size=8, num_samples=8, group_size=4,
+        template="boxed", eval_size=500, eval_every=25, batch_size=16, num_samples=8, group_size=4,
         max_completion_length=16, max_prompt_length=64, lr_small=1e-4, lr_large=3e-5, lr_schedule="constant",
-        warmup_ratio=0.0, epochs=1, max_steps=30, micro_batch_size=32, gen_batch_size=256, save_every=0,
+        warmup_ratio=0.0, epochs=1, max_steps=100, micro_batch_size=32, gen_batch_size=256, save_every=0,
         output_dir="runs/tiny", dtype="float32", tiny_warmup_small=350, tiny_warmup_large=600),
 }
 
