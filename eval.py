@@ -277,9 +277,43 @@ def runs_table(summaries):
     return markdown(header, lines)
 
 
-def plot_runs(runs, plot_dir):
+def group_runs(runs):
+    """Runs whose arguments differ only in --seed (and folder) -> [(label, [runs])], in first-seen order. A group
+    of several seeds is named after the folder holding them: runs/cmp/grpo-small/{1,2,3} -> grpo-small."""
+    groups = {}
+    for r in runs:
+        same = {k: v for k, v in r["args"].items() if k not in ("seed", "output_dir", "overwrite", "resume")}
+        groups.setdefault(json.dumps(same, sort_keys=True) if same else r["dir"], []).append(r)
+    return [(os.path.basename(os.path.dirname(os.path.normpath(g[0]["dir"]))) if len(g) > 1 else g[0]["label"], g)
+            for g in groups.values()]
+
+
+def mean_series(group, key):
+    """(iterations, mean, min, max) over the runs of a group, on the iterations they all have."""
+    points = [dict(zip(*series(run, key))) for run in group]
+    xs = sorted(set.intersection(*(set(p) for p in points))) if points else []
+    ys = [[p[x] for p in points] for x in xs]
+    return xs, [statistics.mean(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
+
+
+def seeds_table(groups, model):
+    """Tables 1 and 2 for training runs: the model's held-out accuracy at the first and the last evaluation, and
+    its change, each as mean ± population std over the seeds of a group."""
+    pm = lambda v: f"{statistics.mean(v):.2f} ± {statistics.pstdev(v):.2f}"
+    lines = []
+    for label, group in groups:
+        accs = [series(r, f"{r['prefix'][model]}/test_accuracy")[1] for r in group if model in r["prefix"]]
+        accs = [[100 * v for v in a] for a in accs if a]
+        if accs:
+            start, end = [a[0] for a in accs], [a[-1] for a in accs]
+            lines.append([label, str(len(accs)), pm(start), pm(end), pm([e - s for s, e in zip(start, end)])])
+    return markdown(["run", "seeds", f"{model} held-out acc, start (%)", "end (%)", "change (points)"], lines)
+
+
+def plot_runs(groups, plot_dir):
     """Figure 3 (held-out accuracy vs iteration, per model), Figures 1 and 4 (fraction of prompts with no correct
-    rollout vs iteration), and the mean step time by phase -> paths of the PNGs written."""
+    rollout vs iteration), and the mean step time by phase -> paths of the PNGs written. groups: [(label, runs)];
+    a group of several seeds is drawn as its mean, with its range shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,11 +326,17 @@ def plot_runs(runs, plot_dir):
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
 
+    def curve(ax, label, group, key_of, **kw):
+        xs, mean, lo, hi = mean_series(group, key_of(group[0]))
+        line, = ax.plot(xs, mean, label=label, **kw)
+        if len(group) > 1:
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, model in zip(axes, ["small", "large"]):
-        for run in runs:
-            if model in run["prefix"]:
-                ax.plot(*series(run, f"{run['prefix'][model]}/test_accuracy"), marker="o", label=run["label"])
+        for label, group in groups:
+            if model in group[0]["prefix"]:
+                curve(ax, label, group, lambda run: f"{run['prefix'][model]}/test_accuracy", marker="o")
         ax.set(title=f"{model} model", xlabel="iteration", ylabel="held-out accuracy")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -304,19 +344,20 @@ def plot_runs(runs, plot_dir):
     save(fig, "test_accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
-        ax.plot(*series(run, f"{run['prefix'].get('small', 'policy')}/zero_accuracy_frac"), label=run["label"])
+    for label, group in groups:
+        curve(ax, label, group, lambda run: f"{run['prefix'].get('small', 'policy')}/zero_accuracy_frac")
     ax.set(xlabel="iteration", ylabel="fraction of prompts with zero accuracy", ylim=(0, 1.02))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     save(fig, "zero_accuracy_frac.png")
 
-    fig, ax = plt.subplots(figsize=(7, 1.6 + 0.5 * len(runs)))
-    seconds = {p: [mean_of(run, f"time/{p}") or 0.0 for run in runs] for p in ["step"] + PHASES}
+    fig, ax = plt.subplots(figsize=(7, 1.6 + 0.5 * len(groups)))
+    seconds = {p: [statistics.mean(mean_of(run, f"time/{p}") or 0.0 for run in group) for _, group in groups]
+               for p in ["step"] + PHASES}
     seconds["other"] = [max(step - sum(seconds[p][i] for p in PHASES), 0.0) for i, step in enumerate(seconds["step"])]
-    left = [0.0] * len(runs)
+    left = [0.0] * len(groups)
     for phase in PHASES + ["other"]:  # stacked: the phases add up to the step
-        ax.barh([r["label"] for r in runs], seconds[phase], left=left, label=phase)
+        ax.barh([label for label, _ in groups], seconds[phase], left=left, label=phase)
         left = [l + w for l, w in zip(left, seconds[phase])]
     ax.set(xlabel="mean seconds per iteration")
     ax.invert_yaxis()  # the first run on top, as in the table
@@ -331,7 +372,11 @@ def evaluate_runs(a):
     for r in runs:  # two runs with the same settings are told apart by their folder
         r["label"] += f" [{os.path.basename(os.path.normpath(r['dir']))}]" if labels.count(r["label"]) > 1 else ""
     summaries = [summarize_run(r) for r in runs]
-    return runs_table(summaries), summaries, plot_runs(runs, a.plot_dir)
+    groups = group_runs(runs)
+    table = runs_table(summaries)
+    if any(len(g) > 1 for _, g in groups):  # several seeds: Tables 1 and 2 over them
+        table += "".join(f"\n\n{seeds_table(groups, m)}" for m in ["small", "large"])
+    return table, summaries, plot_runs(groups, a.plot_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
