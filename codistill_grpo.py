@@ -220,18 +220,35 @@ def format_reward(completion):
 
 
 def accuracy_reward(completion, gold, template, timeout=GRADE_TIMEOUT_S):
-    """1.0 when the completion's final answer equals the gold answer (math-verify), else 0.0. Never raises, never
-    hangs: grading runs in a worker process that is killed past `timeout` seconds (math-verify's own SIGALRM
-    cannot stop a hang inside C code, e.g. \\boxed{9^{9^{9^{9}}}}), and then the answer scores 0.0."""
-    grader = grading_worker()
-    grader["conn"].send((completion, gold, template, max(1, int(timeout))))
-    if grader["conn"].poll(timeout):
-        return grader["conn"].recv()
-    grader["process"].kill()  # a hang: the next call starts a fresh worker
-    grader["process"].join()
-    grader["timeouts"] += 1
-    grader.pop("process")
-    return 0.0
+    """1.0 when the completion's final answer equals the gold answer (math-verify), else 0.0 (see grade_batch)."""
+    return grade_batch([completion], [gold], template, timeout)()[0]
+
+
+def grade_batch(completions, golds, template, timeout=GRADE_TIMEOUT_S):
+    """Start grading in the worker process and return at once -> wait(), which returns the scores (1.0 or 0.0
+    each). The trainer scores log-probs in between, so grading is off the critical path. Never raises, never
+    hangs: an answer not graded within `timeout` seconds of waiting for it scores 0.0, and the worker is killed
+    (math-verify's own SIGALRM cannot stop a hang inside C code, e.g. \\boxed{9^{9^{9^{9}}}}); a fresh one grades
+    the rest."""
+    jobs = [(c, g, template, max(1, int(timeout))) for c, g in zip(completions, golds)]
+    grading_worker()["conn"].send(jobs)  # one message: the worker takes it at once, the trainer goes on
+
+    def wait():
+        scores = []
+        while len(scores) < len(jobs):
+            grader = grading_worker()
+            if grader["conn"].poll(timeout):
+                scores.append(grader["conn"].recv())
+                continue
+            grader["process"].kill()  # a hang: this answer scores 0, a fresh worker takes the rest
+            grader["process"].join()
+            grader["timeouts"] += 1
+            grader.pop("process")
+            scores.append(0.0)
+            if len(scores) < len(jobs):
+                grading_worker()["conn"].send(jobs[len(scores):])
+        return scores
+    return wait
 
 
 def grade(completion, gold, template, soft_timeout=int(GRADE_TIMEOUT_S)):
@@ -278,10 +295,10 @@ def grading_loop(conn, parent_end, parent_pid):
     while os.getppid() == parent_pid:  # a killed trainer (even SIGKILL) takes its grader with it
         if conn.poll(1.0):
             try:
-                job = conn.recv()
-            except EOFError:
+                for job in conn.recv():  # a batch; each score is sent as soon as it is known
+                    conn.send(grade(*job))
+            except (EOFError, BrokenPipeError):
                 return
-            conn.send(grade(*job))
 
 
 def last_boxed(text):
@@ -713,7 +730,7 @@ def parallelize(model, a, trained, compute_dtype):
         return scorer
     if not a.fsdp:
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids, broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32)
@@ -721,7 +738,14 @@ def parallelize(model, a, trained, compute_dtype):
         raise BadInput(f"--fsdp: {type(model).__name__} has no decoder .layers to shard")
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=mp)
-    return fully_shard(scorer, mp_policy=mp)
+    fully_shard(scorer, mp_policy=mp)
+    # FSDP2 takes the first module run as its root, and generate() runs the layers without the root: one token
+    # through the root now makes it the root
+    one = torch.ones((1, 1), dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
+    with torch.no_grad():
+        scorer(one, one, one, one, 1.0, 1)
+    scorer.reshard()  # the root keeps its parameters gathered after a forward; the optimizer must get the shards
+    return scorer
 
 
 @contextmanager
@@ -841,7 +865,10 @@ def make_optimizer(model, lr, a, total_steps):
 def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a):
     """One clipped policy-gradient step over this rank's S sequences in micro-batches -> metrics. The loss of each
     micro-batch is weighted by its share of S, so the accumulated gradient is that of the mean over S sequences;
-    DDP / FSDP2 average it over the ranks (equal S each): the mean over the global batch."""
+    DDP / FSDP2 average it over the ranks (equal S each): the mean over the global batch.
+
+    logp_old None: the model itself sampled the sequences just before this one step, so pi_old is the model as it
+    is, and its log-probs are this forward pass's, detached: no separate scoring pass (grpo)."""
     scorer.train()
     S, mb, N, eps = len(comp), a.micro_batch_size, a.max_completion_length, a.clip_eps
     stats = dict(loss=0.0, ratio_sum=0.0, ratio_max=0.0, clipped=0.0, tokens=0.0)
@@ -850,11 +877,12 @@ def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, ad
         last = i + mb >= S  # DDP: gradients are averaged once, after the last micro-batch
         with scorer.no_sync() if hasattr(scorer, "no_sync") and not last else nullcontext():
             logp = scorer(prompt_ids[j], prompt_mask[j], comp[j], mask[j], a.temperature, a.logprob_chunk)  # (mb, L)
-            loss = policy_loss(logp, logp_old[j], advantages[j], mask[j], N, eps) * (len(logp) / S)
+            old = logp.detach() if logp_old is None else logp_old[j]  # (mb, L)
+            loss = policy_loss(logp, old, advantages[j], mask[j], N, eps) * (len(logp) / S)
             loss.backward()
         with torch.no_grad():
             m = mask[j].bool()
-            ratio = torch.exp((logp - logp_old[j]).clamp(-20.0, 20.0))[m]
+            ratio = torch.exp((logp - old).clamp(-20.0, 20.0))[m]
             stats["loss"] += loss.item()
             stats["ratio_sum"] += ratio.sum().item()
             stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item() if ratio.numel() else 0.0)
@@ -1016,10 +1044,11 @@ def load_trainer_state(ckpt, names):
 
 def prepare_output_dir(a, resuming):
     """Refuse an unwritable folder, and one that holds another run (unless --resume or --overwrite)."""
+    probe = os.path.join(a.output_dir, f".write_test{rank()}")
     try:
         os.makedirs(a.output_dir, exist_ok=True)
-        write_atomically(os.path.join(a.output_dir, ".write_test"), "")
-        os.remove(os.path.join(a.output_dir, ".write_test"))
+        write_atomically(probe, "")
+        os.remove(probe)
     except OSError as e:
         raise BadInput(f"--output_dir {a.output_dir}: not writable ({e.strerror})")
     previous = [d for d in os.listdir(a.output_dir) if d == "metrics.jsonl" or d.startswith("checkpoint-")]
@@ -1027,7 +1056,7 @@ def prepare_output_dir(a, resuming):
         if not a.overwrite:
             raise BadInput(f"--output_dir {a.output_dir} already holds a run ({', '.join(sorted(previous)[:3])}): "
                            "add --resume to continue it, --overwrite to start afresh, or choose another folder")
-        for d in previous:
+        for d in previous if rank() == 0 else []:  # one rank deletes
             path = os.path.join(a.output_dir, d)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -1087,8 +1116,7 @@ def train(a):
     tokenizer = load_tokenizer(names[needs[0]])
     if len(needs) == 2:
         check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
-    if R == 0:
-        prepare_output_dir(a, resuming=state is not None)
+    prepare_output_dir(a, resuming=state is not None)  # every rank checks (and fails alike); rank 0 cleans up
     if dist.is_initialized():
         dist.barrier()
 
@@ -1163,36 +1191,38 @@ def train(a):
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
         m["time/generate"] = time.perf_counter() - t
 
-        # 2. rewards r: accuracy (+ format for r1)
+        # 2. grading starts in the worker process, and goes on while the log-probs are scored
         t = time.perf_counter()
         texts = decode(tokenizer, comp, mask)
-        gold = [r["answer"] for r in batch for _ in range(M)]
         timeouts = GRADER["timeouts"]
-        acc = torch.tensor([accuracy_reward(x, y, a.template, a.grade_timeout) for x, y in zip(texts, gold)],
-                           device=device)  # (B*M,)
-        fmt = torch.tensor([format_reward(x) if a.template == "r1" else 0.0 for x in texts], device=device)
-        rewards = acc + fmt  # (B*M,)
+        grades = grade_batch(texts, [r["answer"] for r in batch for _ in range(M)], a.template, a.grade_timeout)
         m["time/reward"] = time.perf_counter() - t
-        m["grade_timeouts"] = float(GRADER["timeouts"] - timeouts)
 
-        # 3. scoring: old log-probs, no grad; 4. KD reward of Eq. (6)
+        # 3. scoring: old log-probs of both models, no grad (grpo needs none: see update)
         t = time.perf_counter()
-        if a.algo == "grpo":  # one model: downsample by r first, then score only the kept G
-            keep = downsample(rewards.view(B, M), G)  # (B, G)
-            rewards_kd = rewards
-        else:
+        if a.algo != "grpo":
             logp_small_old = score(scorers["small"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
             logp_large_old = score(scorers["large"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
+        m["time/score"] = time.perf_counter() - t
+
+        # 4. rewards r: accuracy (+ format for r1); the KD reward of Eq. (6)
+        t = time.perf_counter()
+        acc = torch.tensor(grades(), device=device)  # (B*M,)  waits for the grader, if it is still at work
+        fmt = torch.tensor([format_reward(x) if a.template == "r1" else 0.0 for x in texts], device=device)
+        rewards = acc + fmt  # (B*M,)
+        m["time/reward"] += time.perf_counter() - t
+        m["grade_timeouts"] = float(GRADER["timeouts"] - timeouts)
+        if a.algo == "grpo":
+            rewards_kd = rewards
+        else:
             kd = kd_reward(logp_large_old, logp_small_old, mask, N)  # (B*M,)
             rewards_kd = rewards + a.alpha * kd  # (B*M,)  Eq. (6)
-            # 5. downsampling by r~ (Sec. 3.3)
-            keep = downsample(rewards_kd.view(B, M), G)  # (B, G)
             m["small/kd_reward"] = kd.mean().item()
+
+        # 5. downsampling by r~ (Sec. 3.3; grpo: by r)
+        keep = downsample(rewards_kd.view(B, M), G)  # (B, G)
         flat = (keep + torch.arange(B, device=keep.device)[:, None] * M).reshape(-1)  # (B*G,) rows into B*M
         k_prompt, k_pmask, k_comp, k_mask = prompt_ids[flat], prompt_mask[flat], comp[flat], mask[flat]
-        if a.algo == "grpo":
-            logp_old = score(scorers[a.policy], k_prompt, k_pmask, k_comp, k_mask, a)  # (B*G, L)
-        m["time/score"] = time.perf_counter() - t
 
         # 6. advantages over the kept G
         r_kept = rewards[flat].view(B, G)  # (B, G)
@@ -1204,8 +1234,8 @@ def train(a):
             m[f"time/update_{n}"] = 0.0
         if a.algo == "grpo":
             t = time.perf_counter()
-            stats = update(scorers[a.policy], *optims[a.policy], k_prompt, k_pmask, k_comp, k_mask, logp_old,
-                           adv_large, a)
+            stats = update(scorers[a.policy], *optims[a.policy], k_prompt, k_pmask, k_comp, k_mask, None,
+                           adv_large, a)  # on-policy: pi_old is the model itself
             m[f"time/update_{a.policy}"] = time.perf_counter() - t
         else:
             t = time.perf_counter()
@@ -1268,7 +1298,8 @@ def main(argv=None):
         a = parse_args(argv)
         train(a)
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank() == 0:  # under torchrun every rank finds the same problem
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -244,6 +244,29 @@ def test_loss_scale_does_not_depend_on_micro_batch_size(tiny):
     assert torch.allclose(after[0], after[1], atol=1e-6) and torch.allclose(after[0], after[2], atol=1e-6)
 
 
+def test_an_on_policy_step_needs_no_scoring_pass(tiny):
+    """update(logp_old=None) takes pi_old from its own forward pass, detached: the step a scoring pass gives."""
+    import copy
+    tok, model0 = tiny
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"] * 2, "boxed", 64, "cpu")
+    comp = torch.randint(1, len(tok) - 1, (4, 5), generator=torch.Generator().manual_seed(1))
+    cmask = torch.ones_like(comp)
+    cmask[1, 2:] = 0
+    a = cg.Args(micro_batch_size=3, max_completion_length=5, max_grad_norm=1e9)
+    after, stats = [], []
+    for scored in [True, False]:
+        model = copy.deepcopy(model0)
+        scorer = cg.TokenLogprobs(model)
+        old = cg.score(scorer, ids, pmask, comp, cmask, a) if scored else None
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        stats.append(cg.update(scorer, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ids, pmask, comp,
+                               cmask, old, torch.tensor([1.0, -1.0, 0.5, -0.5]), a))
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.allclose(after[0], torch.cat([p.detach().flatten() for p in model0.parameters()]))
+    assert torch.allclose(after[0], after[1], atol=1e-6)
+    assert stats[1]["ratio_mean"] == 1.0 and stats[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_gradient_checkpointing_gives_the_same_step(world, tiny):
     tok, _ = tiny
     ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
@@ -657,6 +680,14 @@ def test_a_grading_hang_is_killed_and_counted():
     assert cg.GRADER["timeouts"] == before + 1
 
 
+def test_a_hang_in_a_batch_costs_only_its_own_answer():
+    before = cg.GRADER["timeouts"]
+    wait = cg.grade_batch(["\\boxed{3}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{4}", "\\boxed{5}"], ["3", "3", "4", "6"],
+                          "boxed", timeout=2.0)  # returns at once; the worker grades while we wait below
+    assert wait() == [1.0, 0.0, 1.0, 0.0]  # the answers after the hang are graded by a fresh worker
+    assert cg.GRADER["timeouts"] == before + 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Numerical guards
 
@@ -759,6 +790,120 @@ def short_run(world, tmp_path_factory):
     cg.main(["--preset", "tiny", "--cache_dir", world["cache"], *NO_WARMUP, "--output_dir", str(out), "--max_steps", "2",
              "--batch_size", "2", "--num_samples", "4", "--group_size", "2", "--eval_size", "4", "--eval_every", "1"])
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchrun: DDP and FSDP2 with two CPU processes on gloo
+
+
+def torchrun(*argv, nproc=2):
+    """Run `torchrun --standalone --nproc_per_node=nproc argv...` -> CompletedProcess (output captured)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *argv], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_every_prompt_of_an_epoch_goes_to_exactly_one_rank():
+    n, B, W = 23, 3, 2
+    seen = []
+    for it in range(1, n // (B * W) + 1):  # one epoch of global batches
+        epoch, rows = cg.batch_indices(n, B * W, seed=5, iteration=it)
+        assert epoch == 0
+        seen += [i for r in range(W) for i in rows[r * B:(r + 1) * B]]  # what each rank takes
+    assert len(seen) == len(set(seen)) == (n // (B * W)) * B * W
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_run_codistill(based, tmp_path, fsdp):
+    out = tmp_path / "run"
+    argv = based_argv(based, out, "--batch_size", "1", "--eval_size", "3", "--hint_tokens", "2",
+                      *(["--fsdp"] if fsdp else []))  # 2 ranks x 1 prompt: the 2 problems of `based`
+    p = torchrun("codistill_grpo.py", *argv)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]  # one row per iteration: rank 0 writes, once
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert all(0.0 <= r["small/test_accuracy"] <= 1.0 for r in rows)
+    assert rows[1]["small/hint_length"] > 0 and "large/loss" in rows[2]
+    from transformers import AutoModelForCausalLM
+    for name in ["small", "large"]:  # plain Hugging Face folders, loaded without any distributed code
+        AutoModelForCausalLM.from_pretrained(out / "checkpoint-2" / name)
+
+
+def distributed_worker(mode, small, out):
+    """Run under torchrun by the next test: one update on this rank's half of a fixed batch of 8 sequences, with
+    DDP or FSDP2; rank 0 writes the reduced loss and the weights gathered from the ranks, and a checkpoint."""
+    from transformers import AutoModelForCausalLM
+    cg.setup_distributed()
+    R, W = cg.rank(), cg.world()
+    tok = cg.load_tokenizer(small)
+    model = AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32)
+    batch = fixed_batch(tok, model)
+    share = [x[R * 8 // W:(R + 1) * 8 // W] for x in batch]  # this rank's half of the global batch
+    a = cg.Args(fsdp=mode == "fsdp", micro_batch_size=3, max_completion_length=5, max_grad_norm=1e9,
+                output_dir=out)
+    scorer = cg.parallelize(model, a, trained=True, compute_dtype=torch.float32)
+    opt = torch.optim.SGD(scorer.parameters(), lr=1.0)  # the step is the gradient itself: its scale shows
+    stats = cg.update(scorer, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), *share, a)
+    loss = cg.all_reduce([stats["loss"]])[0] / W
+    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+               for n, p in model.named_parameters()}  # gathered from the shards by DTensor itself
+    if R == 0:
+        torch.save(dict(loss=loss, grad_norm=stats["grad_norm"], weights=weights), os.path.join(out, "result.pt"))
+    cg.save_checkpoint({"small": scorer}, {"small": (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))},
+                       tok, a, 1)
+    torch.distributed.destroy_process_group()
+
+
+def fixed_batch(tok, model):
+    """8 prompts, completions of varied lengths, old log-probs a little off and mixed advantages."""
+    ids, pmask = cg.encode_prompts(tok, [f"What is {a} + {b}" for a, b in zip(range(10, 90, 10), range(91, 99))],
+                                   "boxed", 64, "cpu")
+    g = torch.Generator().manual_seed(0)
+    comp = torch.randint(1, len(tok) - 1, (8, 5), generator=g)
+    cmask = (torch.arange(5)[None] < torch.tensor([5, 3, 4, 5, 2, 5, 1, 4])[:, None]).long()
+    with torch.no_grad():
+        old = cg.token_logprobs(model, ids, pmask, comp, cmask, 1.0, 64) - 0.05
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.5, 0.25])
+    return ids, pmask, comp, cmask, old, adv
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_make_the_one_process_step(based, tmp_path, mode):
+    from transformers import AutoModelForCausalLM
+    p = torchrun(__file__, "distributed-worker", mode, based["small"], str(tmp_path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    got = torch.load(tmp_path / "result.pt")
+    # the same global batch in one process
+    tok = cg.load_tokenizer(based["small"])
+    model = AutoModelForCausalLM.from_pretrained(based["small"], dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = fixed_batch(tok, model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    a = cg.Args(micro_batch_size=3, max_completion_length=5, max_grad_norm=1e9)
+    stats = cg.update(cg.TokenLogprobs(model), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), *batch, a)
+    assert got["loss"] == pytest.approx(stats["loss"], abs=1e-6)
+    assert got["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-5)
+    moved = 0.0
+    for n, w in model.named_parameters():  # float tolerance: the ranks' sums are added in another order
+        assert torch.allclose(got["weights"][n], w, atol=1e-5), n
+        moved = max(moved, (w - before[n]).abs().max().item())
+    assert moved > 1e-3  # the step did something, so equal weights mean equal steps
+    # the 2-process checkpoint loads in one process, without distributed code, and holds the gathered weights
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1" / "small", dtype=torch.float32)
+    for n, w in saved.named_parameters():
+        assert torch.equal(w, got["weights"][n]), n
+    # its optimizer state is keyed by parameter name, so it loads into another world size
+    state = torch.load(tmp_path / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    assert all(isinstance(k, str) for k in state["optimizers"]["small"]["param_groups"][0]["params"])
+
+
+def test_a_two_process_run_resumes_in_one_process(based, tmp_path):
+    out = tmp_path / "run"
+    p = torchrun("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--fsdp", "--max_steps", "1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cg.main(["--output_dir", str(out), "--resume", "--max_steps", "2"])
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and (out / "checkpoint-2" / "small").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1000,3 +1145,7 @@ def test_bench_runs_and_writes_its_figures(world, tmp_path):
     assert set(figures["step_ratio"]) == {"4"} and figures["step_ratio"]["4"] > 0
     assert figures["logprob_max_abs_diff"] < 1e-4
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["distributed-worker"]:  # started by torchrun, see torchrun()
+    distributed_worker(*sys.argv[2:])
