@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline: a hu
 
 import json
 import math
+import statistics
 import subprocess
 import time
 import sys
@@ -514,6 +515,37 @@ def test_preset_sets_defaults_and_flags_override():
     assert (a.template, a.lr_small, a.group_size, a.num_samples) == ("boxed", 1e-7, 8, 16)
     a = cg.parse_args([])
     assert (a.num_samples, a.group_size, a.max_completion_length, a.lr_small, a.epochs) == (14, 8, 3072, 5e-6, 8)
+
+
+def test_the_tiny_world_is_built_once_per_setting(tmp_path, monkeypatch):
+    first = cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2))
+    calls = []
+    monkeypatch.setattr(cg, "warmup", lambda model, *args, **kw: calls.append(1) or model)
+    assert cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2)) == first and calls == []  # cached
+    other = cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 3))  # a changed setting: a new entry
+    assert other["small"] != first["small"] and calls == [1, 1]
+    assert os.path.exists(os.path.join(first["small"], "config.json"))  # the old entry is kept
+
+
+def expected_reward(model_dir, rows, n=256):
+    """Mean accuracy of n sampled completions per problem (temperature 1): the reward on the model's own rollouts."""
+    tok = cg.load_tokenizer(model_dir)
+    model = cg.load_model(model_dir, torch.float32, "cpu", False)
+    torch.manual_seed(0)
+    problems = [r["problem"] for r in rows for _ in range(n)]
+    texts = cg.complete(model, tok, problems, "boxed", 16, 64, cg.eos_ids_of(tok, model), 512, temperature=1.0)
+    return statistics.mean(cg.grade_batch(texts, [r["answer"] for r in rows for _ in range(n)], "boxed")())
+
+
+def test_a_short_tiny_run_raises_the_small_models_reward(based, tmp_path):
+    """The learning signal has the right sign: 8 CoDistill iterations at the preset's learning rate, on the two
+    problems the `based` models half know, raise the small model's expected reward (seed fixed; measured +9
+    points, 48% -> 57%, with 512 samples each, about 3 standard errors)."""
+    out = tmp_path / "run"
+    cg.main(based_argv(based, out, "--max_steps", "8", "--eval_size", "0"))
+    rows = [json.loads(l) for l in open(based["data"])]
+    before, after = expected_reward(based["small"], rows), expected_reward(str(out / "checkpoint-8" / "small"), rows)
+    assert after > before + 0.02, (before, after)
 
 
 # ---------------------------------------------------------------------------------------------------------------
