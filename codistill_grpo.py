@@ -579,7 +579,6 @@ def completion_mask(completion_ids, eos_ids):
     return (positions[None, :] <= first_eos[:, None]).long()  # (S, L)
 
 
-@torch.inference_mode()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, batch_size, synced=False):
     """Completions sampled with HF generate (KV cache, ancestral sampling: top_k=0, top_p=1) -> (S, L <= N).
     synced (FSDP2): ranks keep stepping together until all are done, as their layers gather in step."""
@@ -589,12 +588,13 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                               eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
     P, outs = prompt_ids.shape[1], []
-    for i in range(0, len(prompt_ids), batch_size):
-        out = model.generate(input_ids=prompt_ids[i:i + batch_size], attention_mask=prompt_mask[i:i + batch_size],
-                             generation_config=config, synced_gpus=synced)
-        outs.append(out[:, P:])
+    with torch.inference_mode():
+        for i in range(0, len(prompt_ids), batch_size):
+            out = model.generate(input_ids=prompt_ids[i:i + batch_size], attention_mask=prompt_mask[i:i + batch_size],
+                                 generation_config=config, synced_gpus=synced)
+            outs.append(out[:, P:])
     model.train(was_training)
-    return pad_right(outs, pad_id)
+    return pad_right(outs, pad_id)  # made outside inference mode: a normal tensor, which autograd may save
 
 
 def decode(tokenizer, completion_ids, mask):
@@ -862,22 +862,25 @@ def make_optimizer(model, lr, a, total_steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a):
+def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, keep_logp=False):
     """One clipped policy-gradient step over this rank's S sequences in micro-batches -> metrics. The loss of each
     micro-batch is weighted by its share of S, so the accumulated gradient is that of the mean over S sequences;
     DDP / FSDP2 average it over the ranks (equal S each): the mean over the global batch.
 
     logp_old None: the model itself sampled the sequences just before this one step, so pi_old is the model as it
-    is, and its log-probs are this forward pass's, detached: no separate scoring pass (grpo)."""
+    is, and its log-probs are this forward pass's, detached: no separate scoring pass (grpo).
+    keep_logp: the metrics also hold 'logp', the model's log-probs before the step (S, L), no grad."""
     scorer.train()
     S, mb, N, eps = len(comp), a.micro_batch_size, a.max_completion_length, a.clip_eps
     stats = dict(loss=0.0, ratio_sum=0.0, ratio_max=0.0, clipped=0.0, tokens=0.0)
+    kept = []
     for i in range(0, S, mb):
         j = slice(i, i + mb)
         last = i + mb >= S  # DDP: gradients are averaged once, after the last micro-batch
         with scorer.no_sync() if hasattr(scorer, "no_sync") and not last else nullcontext():
             logp = scorer(prompt_ids[j], prompt_mask[j], comp[j], mask[j], a.temperature, a.logprob_chunk)  # (mb, L)
             old = logp.detach() if logp_old is None else logp_old[j]  # (mb, L)
+            kept += [logp.detach()] if keep_logp else []
             loss = policy_loss(logp, old, advantages[j], mask[j], N, eps) * (len(logp) / S)
             loss.backward()
         with torch.no_grad():
@@ -900,7 +903,8 @@ def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, ad
     opt.zero_grad(set_to_none=True)
     n = max(stats["tokens"], 1.0)
     return dict(loss=stats["loss"], ratio_mean=stats["ratio_sum"] / n, ratio_max=stats["ratio_max"],
-                clip_frac=stats["clipped"] / n, grad_norm=grad_norm, lr=lr, skipped_step=float(skipped))
+                clip_frac=stats["clipped"] / n, grad_norm=grad_norm, lr=lr, skipped_step=float(skipped),
+                **(dict(logp=torch.cat(kept)) if keep_logp else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1198,40 +1202,52 @@ def train(a):
         grades = grade_batch(texts, [r["answer"] for r in batch for _ in range(M)], a.template, a.grade_timeout)
         m["time/reward"] = time.perf_counter() - t
 
-        # 3. scoring: old log-probs of both models, no grad (grpo needs none: see update)
+        # 3. scoring: old log-probs, no grad (grpo needs none: see update). With M == G the large model learns from
+        #    every rollout, so its step can come first (5) and its own forward pass gives its old log-probs.
+        fused = a.algo == "codistill" and M == G
         t = time.perf_counter()
         if a.algo != "grpo":
             logp_small_old = score(scorers["small"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
+        if a.algo != "grpo" and not fused:
             logp_large_old = score(scorers["large"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
         m["time/score"] = time.perf_counter() - t
 
-        # 4. rewards r: accuracy (+ format for r1); the KD reward of Eq. (6)
+        # 4. rewards r: accuracy (+ format for r1)
         t = time.perf_counter()
         acc = torch.tensor(grades(), device=device)  # (B*M,)  waits for the grader, if it is still at work
         fmt = torch.tensor([format_reward(x) if a.template == "r1" else 0.0 for x in texts], device=device)
         rewards = acc + fmt  # (B*M,)
         m["time/reward"] += time.perf_counter() - t
         m["grade_timeouts"] = float(GRADER["timeouts"] - timeouts)
+
+        # 5. (M == G) the large step of 9, on all M rollouts, before the small step: the two are independent
+        for n in ["small", "large"]:
+            m[f"time/update_{n}"] = 0.0
+        if fused:
+            t = time.perf_counter()
+            adv = group_advantages(rewards.view(B, M), scale_by_std=True).reshape(-1)  # (B*M,)  Eq. (3)
+            stats_large = update(scorers["large"], *optims["large"], prompt_ids, prompt_mask, comp, mask,
+                                 logp_small_old, adv, a, keep_logp=True)  # Eq. (10)
+            logp_large_old = stats_large.pop("logp")  # (B*M, L)  log pi_theta_old: its forward before the step
+            m["time/update_large"] = time.perf_counter() - t
+
+        # 6. the KD reward r~ of Eq. (6), and downsampling by r~ (Sec. 3.3; grpo: by r)
         if a.algo == "grpo":
             rewards_kd = rewards
         else:
             kd = kd_reward(logp_large_old, logp_small_old, mask, N)  # (B*M,)
             rewards_kd = rewards + a.alpha * kd  # (B*M,)  Eq. (6)
             m["small/kd_reward"] = kd.mean().item()
-
-        # 5. downsampling by r~ (Sec. 3.3; grpo: by r)
         keep = downsample(rewards_kd.view(B, M), G)  # (B, G)
         flat = (keep + torch.arange(B, device=keep.device)[:, None] * M).reshape(-1)  # (B*G,) rows into B*M
         k_prompt, k_pmask, k_comp, k_mask = prompt_ids[flat], prompt_mask[flat], comp[flat], mask[flat]
 
-        # 6. advantages over the kept G
+        # 7. advantages over the kept G
         r_kept = rewards[flat].view(B, G)  # (B, G)
         adv_large = group_advantages(r_kept, scale_by_std=True).reshape(-1)  # (B*G,)  Eq. (3)
         adv_small = group_advantages(rewards_kd[flat].view(B, G), scale_by_std=False).reshape(-1)  # Eq. (7)
 
-        # 7. small step, Eq. (5)  (grpo: the one model's step, Eq. (10) with rho relative to itself)
-        for n in ["small", "large"]:
-            m[f"time/update_{n}"] = 0.0
+        # 8. small step, Eq. (5)  (grpo: the one model's step, Eq. (10) with rho relative to itself)
         if a.algo == "grpo":
             t = time.perf_counter()
             stats = update(scorers[a.policy], *optims[a.policy], k_prompt, k_pmask, k_comp, k_mask, None,
@@ -1249,13 +1265,14 @@ def train(a):
             stats = update(scorers["small"], *optims["small"], k_prompt, k_pmask, k_comp, small_mask, small_old,
                            adv_small, a)
             m["time/update_small"] = time.perf_counter() - t
-            # 8. large step, Eq. (10): rho = pi_theta / pi_phi_old, the original-reward advantages of Eq. (3)
-            if a.algo == "codistill":
+            # 9. large step, Eq. (10): rho = pi_theta / pi_phi_old, the original-reward advantages of Eq. (3)
+            if a.algo == "codistill" and not fused:
                 t = time.perf_counter()
                 stats_large = update(scorers["large"], *optims["large"], k_prompt, k_pmask, k_comp, k_mask,
                                      logp_small_old[flat], adv_large, a)
-                m.update({f"large/{k}": v for k, v in stats_large.items()})
                 m["time/update_large"] = time.perf_counter() - t
+            if a.algo == "codistill":
+                m.update({f"large/{k}": v for k, v in stats_large.items()})
         p = "policy" if a.algo == "grpo" else "small"  # the model whose rollouts these are
         m.update({f"{p}/{k}": v for k, v in stats.items()})
 

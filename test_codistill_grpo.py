@@ -268,6 +268,25 @@ def test_an_on_policy_step_needs_no_scoring_pass(tiny):
     assert stats[1]["ratio_mean"] == 1.0 and stats[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_log_probs_an_update_keeps_are_the_models_before_its_step(tiny):
+    """With M == G the large model's step runs first and its forward pass gives the old log-probs of Eq. (6)."""
+    import copy
+    tok, model0 = tiny
+    model = copy.deepcopy(model0)
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67", "What is 3 + 4"], "boxed", 64, "cpu")
+    comp = torch.randint(1, len(tok) - 1, (3, 5), generator=torch.Generator().manual_seed(2))
+    cmask = torch.ones_like(comp)
+    cmask[2, 3:] = 0
+    a = cg.Args(micro_batch_size=2, max_completion_length=5)
+    scorer = cg.TokenLogprobs(model)
+    before = cg.score(scorer, ids, pmask, comp, cmask, a)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats = cg.update(scorer, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ids, pmask, comp, cmask,
+                      before - 0.1, torch.tensor([1.0, -1.0, 0.5]), a, keep_logp=True)
+    assert torch.allclose(stats["logp"], before, atol=1e-6)
+    assert not torch.allclose(cg.score(scorer, ids, pmask, comp, cmask, a), before, atol=1e-3)  # it did step
+
+
 def test_gradient_checkpointing_gives_the_same_step(world, tiny):
     tok, _ = tiny
     ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
@@ -442,6 +461,42 @@ def test_codistill_wiring_of_old_logprobs_and_advantages(based, tmp_path, monkey
         if group.abs().sum() > 0:
             assert group.std().item() == pytest.approx(1.0, abs=1e-3)
     assert not torch.allclose(adv1, adv2)  # the KD term changes the small model's advantages
+
+
+def test_with_m_equal_g_the_large_step_comes_first_and_scores_for_the_kd_reward(based, tmp_path, monkeypatch):
+    """M == G: no separate scoring pass of the large model. Its step runs first, on all rollouts, against the small
+    model's old log-probs (Eq. (10)); the log-probs its forward pass kept make the KD reward of the small step."""
+    scores, updates = [], []
+    real_score, real_update = cg.score, cg.update
+
+    def spy_score(model, *args):
+        scores.append((model, real_score(model, *args)))
+        return scores[-1][1]
+
+    def spy_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, **kw):
+        out = real_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, **kw)
+        updates.append((model, mask, logp_old.clone(), advantages.clone(), out.get("logp"), (prompt_ids, prompt_mask,
+                                                                                                 comp)))
+        return out
+    monkeypatch.setattr(cg, "score", spy_score)
+    monkeypatch.setattr(cg, "update", spy_update)
+    cg.main(based_argv(based, tmp_path, "--max_steps", "1", "--eval_size", "0", "--num_samples", "4", "--group_size",
+                       "4", "--alpha", "2"))
+    [(small, logp_small_old)] = scores  # only the small model is scored
+    (large, mask, old_l, adv_l, logp_large_old, seqs), (m_s, _, old_s, adv_s, _, _) = updates
+    assert m_s is small and large is not small and logp_large_old is not None
+    base_large = cg.TokenLogprobs(cg.load_model(based["large"], torch.float32, "cpu", False))
+    assert torch.allclose(cg.score(base_large, *seqs, mask, cg.Args()), logp_large_old, atol=1e-5)  # before its step
+    assert torch.equal(old_l, logp_small_old) and torch.equal(old_s, logp_small_old)  # all M rows, in order
+    kd = cg.kd_reward(logp_large_old, logp_small_old, mask, 16)  # (B*G,)
+    row = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][1]
+    assert row["small/kd_reward"] == pytest.approx(kd.mean().item(), abs=1e-6)
+    B, G = 2, 4
+    kd_centred = (kd.view(B, G) - kd.view(B, G).mean(1, keepdim=True)).view(-1)
+    reward_part = adv_s - 2 * kd_centred  # A~ = r~ - mean(r~) with r~ = r + 2 kd leaves r - mean(r) ...
+    for rp, al in zip(reward_part.view(B, G), adv_l.view(B, G)):  # ... which the large step scaled by 1/std (Eq. 3)
+        scale = rp.norm() / al.norm() if al.norm() > 0 else 0.0
+        assert torch.allclose(rp, al * scale, atol=1e-5)
 
 
 @pytest.mark.parametrize("hint_ratio", ["small", "large", "ignore"])
