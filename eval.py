@@ -303,7 +303,7 @@ def seeds_table(groups, model):
     lines = []
     for label, group in groups:
         accs = [series(r, f"{r['prefix'][model]}/test_accuracy")[1] for r in group if model in r["prefix"]]
-        accs = [[100 * v for v in a] for a in accs if a]
+        accs = [[100 * v for v in a] for a in accs if len(a) > 1]  # one evaluation: the model was not trained
         if accs:
             start, end = [a[0] for a in accs], [a[-1] for a in accs]
             lines.append([label, str(len(accs)), pm(start), pm(end), pm([e - s for s, e in zip(start, end)])])
@@ -326,21 +326,22 @@ def plot_runs(groups, plot_dir):
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
 
+    colors = {label: f"C{i % 10}" for i, (label, _) in enumerate(groups)}  # one colour per group in every plot
+
     def curve(ax, label, group, key_of, **kw):
         xs, mean, lo, hi = mean_series(group, key_of(group[0]))
-        line, = ax.plot(xs, mean, label=label, **kw)
+        ax.plot(xs, mean, label=label, color=colors[label], **kw)
         if len(group) > 1:
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.15, linewidth=0)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # each its own scale: the two models are far apart
     for ax, model in zip(axes, ["small", "large"]):
-        for label, group in groups:
-            if model in group[0]["prefix"]:
+        for label, group in groups:  # a model evaluated once (frozen, e.g. kdrl's large) is left out
+            if model in group[0]["prefix"] and len(series(group[0], f"{group[0]['prefix'][model]}/test_accuracy")[0]) != 1:
                 curve(ax, label, group, lambda run: f"{run['prefix'][model]}/test_accuracy", marker="o")
         ax.set(title=f"{model} model", xlabel="iteration", ylabel="held-out accuracy")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    axes[0].set_ylim(bottom=0)  # after both are drawn: the shared top fits both models
     save(fig, "test_accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
