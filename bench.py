@@ -112,15 +112,16 @@ def logprob_memory(a):
 def rollout_overhead(a):
     """Tokens/s of cg.sample against a bare model.generate with the same settings, same model and batch."""
     from transformers import GenerationConfig
-    model = cg.load_model(a.small_model, torch.float32, "cpu", False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on GPU in bf16, as training runs there
+    model = cg.load_model(a.small_model, torch.bfloat16 if device == "cuda" else torch.float32, device, False)
     tok = cg.load_tokenizer(a.small_model)
-    ids, mask = cg.encode_prompts(tok, [f"What is {i} + {i + 7}" for i in range(64)], "boxed", 64, "cpu")
+    ids, mask = cg.encode_prompts(tok, [f"What is {i} + {i + 7}" for i in range(64)], "boxed", 64, device)
     n, eos = max(a.lengths), cg.eos_ids_of(tok, model)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n,
                               eos_token_id=eos, pad_token_id=tok.pad_token_id)
     rates = {"ours": [], "bare": []}
-    for _ in range(a.iterations + 1):
-        for name in rates:
+    for i in range(2 * a.iterations + 1):  # the order alternates, so that neither always runs first
+        for name in (["ours", "bare"] if i % 2 == 0 else ["bare", "ours"]):
             t = time.perf_counter()
             if name == "ours":
                 comp = cg.sample(model, ids, mask, n, 1.0, eos, tok.pad_token_id, len(ids))

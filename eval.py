@@ -4,10 +4,12 @@ eval.py: score checkpoints like the paper's Tables 1 and 2, and draw Figures 1, 
 Benchmarks (greedy by default; with --temperature and --seeds K, mean ± std over K sampled runs):
     python eval.py Qwen/Qwen2.5-Math-1.5B runs/codistill/checkpoint-1560/small   # minerva,math500,amc23,olympiadbench
     python eval.py MODEL --benchmarks math500,gsm8k,my_problems.jsonl --temperature 0.6 --seeds 5 --out scores.json
-    python eval.py tiny:small runs/tiny/checkpoint-30/small --benchmarks toy      # offline: the tiny preset's base model
+    python eval.py tiny:small runs/tiny/checkpoint-100/small --benchmarks toy     # offline: the tiny preset's base model
 
-Training runs (each RUN_DIR's metrics.jsonl -> a summary table and PNG plots):
+Training runs (each RUN_DIR's metrics.jsonl -> a summary table and PNG plots; runs that differ only in --seed
+are grouped into Tables 1 and 2 over seeds, and drawn as their mean):
     python eval.py --runs runs/tiny runs/tiny-grpo --plot_dir plots
+    python eval.py --runs runs/cmp/grpo-small/{1,2,3} runs/cmp/codistill-a1/{1,2,3} --plot_dir .
 
 MODEL is a checkpoint folder (RUN/checkpoint-K/small, large or policy), a hub id, or tiny:small / tiny:large (the
 tiny preset's base models); the first MODEL is the baseline
@@ -278,11 +280,14 @@ def runs_table(summaries):
 
 
 def group_runs(runs):
-    """Runs whose arguments differ only in --seed (and folder) -> [(label, [runs])], in first-seen order. A group
-    of several seeds is named after the folder holding them: runs/cmp/grpo-small/{1,2,3} -> grpo-small."""
+    """Runs whose arguments differ only in --seed (and folder) -> [(label, [runs])], in first-seen order. A path
+    holding the run's own seed as a folder (CT from runs/cmp/codistill-a1/SEED/checkpoint-100/large) counts as the
+    same path. A group of several seeds is named after the folder holding them: runs/cmp/ct/{1,2,3} -> ct."""
     groups = {}
     for r in runs:
-        same = {k: v for k, v in r["args"].items() if k not in ("seed", "output_dir", "overwrite", "resume")}
+        seed_dir = f"/{r['args'].get('seed')}/"
+        same = {k: v.replace(seed_dir, "/SEED/") if isinstance(v, str) else v for k, v in r["args"].items()
+                if k not in ("seed", "output_dir", "overwrite", "resume")}
         groups.setdefault(json.dumps(same, sort_keys=True) if same else r["dir"], []).append(r)
     return [(os.path.basename(os.path.dirname(os.path.normpath(g[0]["dir"]))) if len(g) > 1 else g[0]["label"], g)
             for g in groups.values()]
