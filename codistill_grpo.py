@@ -1085,13 +1085,15 @@ def open_reporter(a):
 # Training
 
 
-def batch_indices(n_rows, batch_size, seed, iteration):
-    """Rows of an iteration (1-based): each epoch is a permutation seeded by (seed, epoch); a pure function of the
-    iteration, so that a resumed run sees the same batches. -> (epoch, list of row indices)"""
-    steps_per_epoch = n_rows // batch_size
-    epoch, step = divmod(iteration - 1, steps_per_epoch)
+def batch_indices(n_rows, batch_size, seed, iteration, rank=0, world=1):
+    """This rank's rows of an iteration (1-based): each epoch is a permutation seeded by (seed, epoch), cut into
+    global batches of world x batch_size rows, and rank r takes the r-th share. A pure function of the iteration,
+    so that a resumed run sees the same batches. -> (epoch, list of row indices)"""
+    global_batch = batch_size * world
+    epoch, step = divmod(iteration - 1, n_rows // global_batch)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return epoch, order[step * batch_size:(step + 1) * batch_size].tolist()
+    start = step * global_batch + rank * batch_size
+    return epoch, order[start:start + batch_size].tolist()
 
 
 def train(a):
@@ -1178,8 +1180,8 @@ def train(a):
                disable=R != 0)
     for it in bar:
         t_step = time.perf_counter()
-        epoch, rows = batch_indices(len(train_rows), B * W, a.seed, it)  # the global batch of the iteration
-        batch = [train_rows[i] for i in rows[R * B:(R + 1) * B]]  # this rank's share
+        epoch, rows = batch_indices(len(train_rows), B, a.seed, it, R, W)  # this rank's share of the global batch
+        batch = [train_rows[i] for i in rows]
         # sampling seeded by (seed, iteration, rank): a resumed run samples what the straight run would have
         torch.manual_seed(hash((a.seed, it, R)) % 2**63)  # (the hash of a tuple of ints is not randomised)
         m = dict(iteration=it, epoch=epoch)

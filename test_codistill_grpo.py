@@ -894,10 +894,13 @@ def test_every_prompt_of_an_epoch_goes_to_exactly_one_rank():
     n, B, W = 23, 3, 2
     seen = []
     for it in range(1, n // (B * W) + 1):  # one epoch of global batches
-        epoch, rows = cg.batch_indices(n, B * W, seed=5, iteration=it)
-        assert epoch == 0
-        seen += [i for r in range(W) for i in rows[r * B:(r + 1) * B]]  # what each rank takes
+        shares = [cg.batch_indices(n, B, 5, it, rank=r, world=W) for r in range(W)]
+        assert all(epoch == 0 for epoch, _ in shares)
+        seen += [i for _, rows in shares for i in rows]
+        # the global batch is what one process with W x B prompts takes
+        assert [i for _, rows in shares for i in rows] == cg.batch_indices(n, B * W, 5, it)[1]
     assert len(seen) == len(set(seen)) == (n // (B * W)) * B * W
+    assert cg.batch_indices(n, B, 5, n // (B * W) + 1, rank=1, world=W)[0] == 1  # then the next epoch
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
