@@ -341,9 +341,10 @@ def plot_runs(groups, plot_dir):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # each its own scale: the two models are far apart
     for ax, model in zip(axes, ["small", "large"]):
+        key_of = lambda run: f"{run['prefix'][model]}/test_accuracy"
         for label, group in groups:  # a model evaluated once (frozen, e.g. kdrl's large) is left out
-            if model in group[0]["prefix"] and len(series(group[0], f"{group[0]['prefix'][model]}/test_accuracy")[0]) != 1:
-                curve(ax, label, group, lambda run: f"{run['prefix'][model]}/test_accuracy", marker="o")
+            if model in group[0]["prefix"] and len(series(group[0], key_of(group[0]))[0]) != 1:
+                curve(ax, label, group, key_of, marker="o")
         ax.set(title=f"{model} model", xlabel="iteration", ylabel="held-out accuracy")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -1212,6 +1212,32 @@ def test_runs_of_different_lengths_and_a_truncated_last_line(short_run, tmp_path
     assert grpo["large/test_accuracy"] == [0.1, 0.3] and grpo["small/test_accuracy"] is None
 
 
+def test_runs_differing_only_in_seed_make_tables_over_seeds(tmp_path, capsys):
+    """Two seeds of a CoDistill setting and two CT runs that start from their own seed's checkpoint: each pair is one
+    group, mean ± population std by hand; a single run stays alone."""
+    def run(folder, seed, small, large, **args):
+        d = tmp_path / folder / str(seed)
+        d.mkdir(parents=True)
+        (d / "args.json").write_text(json.dumps(dict(algo="codistill", seed=seed, output_dir=str(d), **args)))
+        rows = [{"iteration": i, "small/test_accuracy": s, "large/test_accuracy": l}
+                for i, (s, l) in enumerate(zip(small, large))]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+    dirs = [run("cd", 1, [0.1, 0.2], [0.5, 0.6], alpha=1.0), run("cd", 2, [0.1, 0.4], [0.5, 0.9], alpha=1.0),
+            run("other", 3, [0.1, 0.1], [0.5, 0.5], alpha=2.0),
+            run("ct", 1, [0.3, 0.3], [0.6, 0.7], large_model="runs/cd/1/checkpoint-1/large"),
+            run("ct", 2, [0.3, 0.3], [0.9, 0.9], large_model="runs/cd/2/checkpoint-1/large")]
+    groups = ev.group_runs([ev.load_run(d) for d in dirs])
+    assert [(label, len(g)) for label, g in groups] == [("cd", 2), ("codistill (alpha=2, T=0)", 1), ("ct", 2)]
+    ev.main(["--runs", *dirs, "--plot_dir", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    # small, cd: start 10, 10; end 20, 40 -> 30.00 ± 10.00; change 10, 30 -> 20.00 ± 10.00
+    assert "| cd | 2 | 10.00 ± 0.00 | 30.00 ± 10.00 | 20.00 ± 10.00 |" in out
+    # large, ct: start 60, 90 -> 75 ± 15; end 70, 90 -> 80 ± 10; change 10, 0 -> 5 ± 5
+    assert "| ct | 2 | 75.00 ± 15.00 | 80.00 ± 10.00 | 5.00 ± 5.00 |" in out
+    assert_pngs(tmp_path / "plots")
+
+
 def test_a_run_with_only_its_first_line_half_written(tmp_path):
     run = tmp_path / "starting"
     run.mkdir()
