@@ -252,10 +252,11 @@ def grade_batch(completions, golds, template, timeout=GRADE_TIMEOUT_S):
 
 
 def grade(completion, gold, template, soft_timeout=int(GRADE_TIMEOUT_S)):
-    """The grader itself (runs in the worker, where math-verify's own SIGALRM limits are a first, soft line). The final answer is extracted first: r1, the text inside the last
-    <answer>...</answer>; boxed, the content of the last \\boxed{} (math-verify alone would take the first). It is
-    wrapped in $...$ when it has no delimiters and parsed as LaTeX only: math-verify's plain-expression parser
-    would hand model text to sympy's parse_expr, which calls eval."""
+    """The grader itself; it runs in the worker, where math-verify's own SIGALRM limits are a first, soft line.
+    The final answer is extracted first: r1, the text inside the last <answer>...</answer>; boxed, the content of
+    the last \\boxed{} (math-verify alone would take the first). It is wrapped in $...$ when it has no delimiters
+    and parsed as LaTeX only: math-verify's plain-expression parser would hand model text to sympy's parse_expr,
+    which calls eval."""
     from math_verify import LatexExtractionConfig, parse, verify
     if template == "r1":
         answers = ANSWER_TAG.findall(completion)
@@ -725,11 +726,11 @@ def parallelize(model, a, trained, compute_dtype):
     """The log-prob module of a model. One process: as is. torchrun: DDP-wrapped when trained (a frozen model is
     simply replicated); with --fsdp, sharded by FSDP2: each decoder layer a unit, the root unit holding the
     embeddings, final norm and head (tied embeddings stay in one unit), compute in compute_dtype, fp32 reduction."""
-    scorer = TokenLogprobs(model)
+    scorer, device = TokenLogprobs(model), next(model.parameters()).device
     if not dist.is_initialized() or not (trained or a.fsdp):
         return scorer
     if not a.fsdp:
-        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        device_ids = [device] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
@@ -741,7 +742,7 @@ def parallelize(model, a, trained, compute_dtype):
     fully_shard(scorer, mp_policy=mp)
     # FSDP2 takes the first module run as its root, and generate() runs the layers without the root: one token
     # through the root now makes it the root
-    one = torch.ones((1, 1), dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
+    one = torch.ones((1, 1), dtype=torch.long, device=device)
     with torch.no_grad():
         scorer(one, one, one, one, 1.0, 1)
     scorer.reshard()  # the root keeps its parameters gathered after a forward; the optimizer must get the shards
@@ -941,8 +942,8 @@ def heldout_accuracy(model, tokenizer, rows, a, eos_ids, synced=False):
     idx = list(range(R, -(-len(rows) // W) * W, W))  # this rank's problems; indices past the end are padding
     texts = complete(model, tokenizer, [rows[i % len(rows)]["problem"] for i in idx], a.template,
                      a.max_completion_length, a.max_prompt_length, eos_ids, a.gen_batch_size, synced=synced)
-    correct = sum(accuracy_reward(t, rows[i]["answer"], a.template, a.grade_timeout)
-                  for t, i in zip(texts, idx) if i < len(rows))
+    scores = grade_batch(texts, [rows[i % len(rows)]["answer"] for i in idx], a.template, a.grade_timeout)()
+    correct = sum(s for s, i in zip(scores, idx) if i < len(rows))
     return all_reduce([correct])[0] / len(rows)
 
 

@@ -113,8 +113,9 @@ def score_model(model, tokenizer, rows, s, seed):
     torch.manual_seed(seed)
     texts = cg.complete(model, tokenizer, [r["problem"] for r in rows], s["template"], s["max_new_tokens"],
                         s["max_prompt_length"], cg.eos_ids_of(tokenizer, model), s["batch_size"], s["temperature"])
-    return [dict(problem=r["problem"], gold=r["answer"], completion=t, seed=seed,
-                 correct=cg.accuracy_reward(t, r["answer"], s["template"])) for r, t in zip(rows, texts)]
+    correct = cg.grade_batch(texts, [r["answer"] for r in rows], s["template"])()  # one batch to the grader
+    return [dict(problem=r["problem"], gold=r["answer"], completion=t, seed=seed, correct=c)
+            for r, t, c in zip(rows, texts, correct)]
 
 
 def summarize(accuracies, names):
