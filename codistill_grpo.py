@@ -81,6 +81,9 @@ class Args:
     eval_every: int = arg(20, "score held-out accuracy every this many iterations (and at 0 and the end)")
     template: str = arg("r1", "prompt template: r1 (Table 4, accuracy + format reward) or boxed (Table 5, accuracy)",
                         choices=["r1", "boxed"])
+    chat_template: bool = arg(False, "wrap the template's text as the user turn of the tokenizer's chat template and "
+                              "open the assistant turn (Instruct models); completions also end at its end-of-turn "
+                              "token. Off: raw prompts, as the paper's Tables 4 and 5")
     output_dir: str = arg("runs/codistill", "where metrics.jsonl and checkpoint-<iteration>/ go")
     cache_dir: str = arg(os.path.join(os.path.expanduser("~"), ".cache", "codistill_grpo"),
                          "where the tiny offline world is built and cached")
@@ -98,8 +101,16 @@ class Args:
     hint_ratio: str = arg("small", "importance ratio on hint tokens in the small loss: small (Eq. 5, the paper's "
                           "choice), large (Eq. 8 option i), ignore (option ii: hint tokens left out)",
                           choices=["small", "large", "ignore"])
+    large_hint_ratio: str = arg("behaviour", "denominator of the large model's ratio on hint tokens, which it sampled "
+                                "itself: behaviour (the policy that sampled each token: pi_theta_old on hints, "
+                                "pi_phi_old after them; the off-policy correction of Sec. 3.2) or small (the literal "
+                                "Eq. 10: pi_phi_old on every token). The paper is silent",
+                                choices=["behaviour", "small"])
     alpha: float = arg(1.0, "alpha: weight of the on-policy KD reward in Eq. (6) (paper: 1 or 2)")
     clip_eps: float = arg(0.2, "eps: clip range of the importance ratio in Eq. (5) and (10)")
+    loss_norm: str = arg("auto", "each sequence's token sum in the loss is divided by: constant N (Eq. 5, 10: "
+                         "Dr. GRPO), or length |o_i| (Eq. 2, the paper's GRPO baseline); auto: length for --algo "
+                         "grpo, constant for codistill and kdrl", choices=["auto", "length", "constant"])
     temperature: float = arg(1.0, "tau: sampling temperature; log-probs are taken at the same temperature")
     # optimisation
     lr_small: float = arg(5e-6, "learning rate of the small model (Table 3: 5e-6)")
@@ -542,19 +553,46 @@ def load_model(name, dtype, device, gradient_checkpointing):
     return model
 
 
-def eos_ids_of(tokenizer, *models):
-    """Every token that ends a completion: the tokenizer's EOS and each model's generation EOS ids."""
-    ids = {tokenizer.eos_token_id}
+def eos_ids_of(tokenizer, *models, chat=False):
+    """Every token that ends a completion: the tokenizer's EOS, each model's generation EOS ids, and with chat the
+    chat template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id} | ({end_of_turn_id(tokenizer)} if chat else set())
     for m in models:
         e = m.generation_config.eos_token_id
         ids.update(e if isinstance(e, list) else [e])
     return sorted(i for i in ids if i is not None)
 
 
-def encode_prompts(tokenizer, problems, template, max_prompt_length, device):
-    """Left-padded prompt ids and mask, (B, P); long prompts keep their last max_prompt_length tokens."""
+def end_of_turn_id(tokenizer):
+    """The special token a chat template puts right after an assistant message (Qwen's <|im_end|>, Llama 3's
+    <|eot_id|>), found by rendering one; BadInput when the tokenizer has no chat template or no such token."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInput(f"--chat_template: the tokenizer of {tokenizer.name_or_path} has no chat template")
+    mark = "MARKER-7f3a"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    if not after or after[0] not in special:
+        raise BadInput(f"--chat_template: the chat template of {tokenizer.name_or_path} ends an assistant turn with "
+                       f"no special token ({text[-40:]!r})")
+    return after[0]
+
+
+def prompt_texts(tokenizer, problems, template, chat=False):
+    """The template of Table 4 or 5 around each problem; with chat, that text is the user turn of the tokenizer's
+    chat template, and the assistant turn is opened (the text then carries its own special tokens)."""
     texts = [TEMPLATES[template].format(prompt=p) for p in problems]
-    ids = [x[-max_prompt_length:] for x in tokenizer(texts)["input_ids"]]
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+    return texts
+
+
+def encode_prompts(tokenizer, problems, template, max_prompt_length, device, chat=False):
+    """Left-padded prompt ids and mask, (B, P); long prompts keep their last max_prompt_length tokens."""
+    texts = prompt_texts(tokenizer, problems, template, chat)
+    ids = [x[-max_prompt_length:] for x in tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
     P = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), P), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), P), dtype=torch.long)
@@ -641,12 +679,16 @@ def rollout(small, large, prompt_ids, prompt_mask, a, eos_ids, pad_id, hints, sy
 
 
 def _chunk_logprobs(lm_head, hidden, targets, temperature):
-    logits = lm_head(hidden).float() / temperature  # (C, V)
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (C,)
+    logp = (lm_head(hidden).float() / temperature).log_softmax(-1)  # (C, V)
+    with torch.no_grad():  # entropy of the sampling distribution, a metric: sum_v p log p without a (C, V) product
+        entropy = -torch.linalg.vecdot(logp.exp(), logp)  # (C,)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy  # (C,), (C,)
 
 
-def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk):
-    """log pi(o_t | q, o_<t) of every completion token -> (S, L), fp32. Grad flows when grad mode is on."""
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk,
+                   entropy=False):
+    """log pi(o_t | q, o_<t) of every completion token -> (S, L), fp32. Grad flows when grad mode is on.
+    entropy: also return the entropy of pi(. | q, o_<t) at every position (S, L), no grad -> (logp, entropy)."""
     P = prompt_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (S, P+L)
     attn = torch.cat([prompt_mask, completion_mask], 1)  # (S, P+L)
@@ -663,20 +705,22 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
             out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             out.append(_chunk_logprobs(*args))
-    return torch.cat(out).view(S, L)  # (S, L)
+    logp = torch.cat([o[0] for o in out]).view(S, L)  # (S, L)
+    return (logp, torch.cat([o[1] for o in out]).view(S, L)) if entropy else logp
 
 
 @torch.no_grad()
 def score(scorer, prompt_ids, prompt_mask, comp, mask, a):
     """Old-policy log-probs of all sequences, in micro-batches, no grad: scorer is a model's TokenLogprobs
-    (maybe wrapped, see parallelize) -> (S, L)."""
+    (maybe wrapped, see parallelize) -> log-probs (S, L), and the mean entropy per completion token (a float)."""
     was_training = scorer.training
     scorer.eval()
     mb = a.micro_batch_size
-    out = torch.cat([scorer(prompt_ids[i:i + mb], prompt_mask[i:i + mb], comp[i:i + mb], mask[i:i + mb],
-                            a.temperature, a.logprob_chunk) for i in range(0, len(comp), mb)])
+    out = [scorer(prompt_ids[i:i + mb], prompt_mask[i:i + mb], comp[i:i + mb], mask[i:i + mb], a.temperature,
+                  a.logprob_chunk) for i in range(0, len(comp), mb)]
     scorer.train(was_training)
-    return out
+    entropy = torch.cat([o[1] for o in out])  # (S, L)
+    return torch.cat([o[0] for o in out]), ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -717,9 +761,10 @@ class TokenLogprobs(torch.nn.Module):
         self.lm = lm
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk):
-        # .clone(): FSDP2 hooks the backward on the output, which must not be a view
-        return token_logprobs(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-                              chunk).clone()  # (S, L)
+        """-> log-probs (S, L) and entropies (S, L, no grad)."""
+        logp, entropy = token_logprobs(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                       temperature, chunk, entropy=True)
+        return logp.clone(), entropy  # .clone(): FSDP2 hooks the backward on the output, which must not be a view
 
 
 def parallelize(model, a, trained, compute_dtype):
@@ -833,17 +878,31 @@ def group_advantages(rewards, scale_by_std):  # Eq. (3) with scale_by_std, Eq. (
     return centered
 
 
-def policy_loss(logp, logp_old, advantages, mask, max_len, clip_eps):  # Eq. (5) and Eq. (10)
+def policy_loss(logp, logp_old, advantages, mask, max_len, clip_eps):  # Eq. (5), (10); Eq. (2) with max_len None
     """-(1/S) sum_i (1/N) sum_t mask * min(rho A_i, clip(rho, 1-eps, 1+eps) A_i), rho = exp(logp - logp_old).
 
+    With max_len = N this is Eq. (5) and (10): every sequence's token sum divided by the same constant N, which is
+    Dr. GRPO (Liu et al., 2025; TRL's loss_type="dr_grpo"). With max_len None each sequence's sum is divided by its
+    own length |o_i| (its mask's sum): the paper's Eq. (2), TRL's loss_type="grpo".
     logp, logp_old, mask: (S, L); advantages: (S,). The log-ratio is clamped to [-20, 20] before exp so that a far
     off-policy token (Eq. 10 compares two different models) cannot overflow.
     """
     ratio = torch.exp((logp - logp_old).clamp(-20.0, 20.0))  # (S, L)
     A = advantages[:, None]  # (S, 1)
     objective = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # (S, L)
-    per_sequence = (objective * mask).sum(-1) / max_len  # (S,)  sum over tokens, divided by the constant N
+    length = mask.sum(-1).clamp(min=1) if max_len is None else max_len  # (S,) or the constant N
+    per_sequence = (objective * mask).sum(-1) / length  # (S,)  sum over tokens, divided by N (or |o_i|)
     return -per_sequence.mean()  # mean over the S sequences
+
+
+def clip_fractions(ratio, advantages, mask, clip_eps):
+    """Fractions of the masked tokens whose gradient the clip removes, as TRL reports them: low, rho < 1-eps with
+    A < 0; high, rho > 1+eps with A > 0; region, either. ratio, mask: (S, L); advantages: (S,) -> 3 floats."""
+    A = advantages[:, None]  # (S, 1)
+    low = (ratio < 1 - clip_eps) & (A < 0)  # (S, L)
+    high = (ratio > 1 + clip_eps) & (A > 0)  # (S, L)
+    n = mask.sum().clamp(min=1)
+    return [((x * mask).sum() / n).item() for x in (low, high, low | high)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -863,35 +922,50 @@ def make_optimizer(model, lr, a, total_steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, keep_logp=False):
+def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, keep_logp=False,
+           loss_mask=None, own=None):
     """One clipped policy-gradient step over this rank's S sequences in micro-batches -> metrics. The loss of each
     micro-batch is weighted by its share of S, so the accumulated gradient is that of the mean over S sequences;
     DDP / FSDP2 average it over the ranks (equal S each): the mean over the global batch.
 
-    logp_old None: the model itself sampled the sequences just before this one step, so pi_old is the model as it
-    is, and its log-probs are this forward pass's, detached: no separate scoring pass (grpo).
+    mask (S, L): the completion tokens the model sees (attention); loss_mask (S, L, default mask): the tokens that
+    count in the loss (hint tokens left out by --hint_ratio ignore are still seen).
+    logp_old (S, L), the denominator of the ratio. None: the model itself sampled the sequences just before this one
+    step, so pi_old is the model as it is, and its log-probs are this forward pass's, detached: no separate scoring
+    pass (grpo). own (S, L): the same, token by token (the large model's own hint tokens, --large_hint_ratio).
     keep_logp: the metrics also hold 'logp', the model's log-probs before the step (S, L), no grad."""
     scorer.train()
-    S, mb, N, eps = len(comp), a.micro_batch_size, a.max_completion_length, a.clip_eps
-    stats = dict(loss=0.0, ratio_sum=0.0, ratio_max=0.0, clipped=0.0, tokens=0.0)
+    S, mb, eps = len(comp), a.micro_batch_size, a.clip_eps
+    max_len = a.max_completion_length if loss_norm(a) == "constant" else None  # Eq. (5), (10) / Eq. (2)
+    loss_mask = mask if loss_mask is None else loss_mask
+    stats = dict(loss=0.0, ratio_sum=0.0, ratio_max=0.0, low=0.0, high=0.0, region=0.0, entropy=0.0, tokens=0.0,
+                 seen=0.0)  # tokens: in the loss; seen: in the attention mask (entropy is over these)
     kept = []
     for i in range(0, S, mb):
         j = slice(i, i + mb)
         last = i + mb >= S  # DDP: gradients are averaged once, after the last micro-batch
         with scorer.no_sync() if hasattr(scorer, "no_sync") and not last else nullcontext():
-            logp = scorer(prompt_ids[j], prompt_mask[j], comp[j], mask[j], a.temperature, a.logprob_chunk)  # (mb, L)
+            logp, entropy = scorer(prompt_ids[j], prompt_mask[j], comp[j], mask[j], a.temperature,
+                                   a.logprob_chunk)  # (mb, L) each
             old = logp.detach() if logp_old is None else logp_old[j]  # (mb, L)
+            if own is not None:
+                old = torch.where(own[j].bool(), logp.detach(), old)  # (mb, L)
             kept += [logp.detach()] if keep_logp else []
-            loss = policy_loss(logp, old, advantages[j], mask[j], N, eps) * (len(logp) / S)
+            loss = policy_loss(logp, old, advantages[j], loss_mask[j], max_len, eps) * (len(logp) / S)
             loss.backward()
         with torch.no_grad():
-            m = mask[j].bool()
-            ratio = torch.exp((logp - old).clamp(-20.0, 20.0))[m]
+            lm = loss_mask[j]
+            ratio = torch.exp((logp - old).clamp(-20.0, 20.0))  # (mb, L)
+            n = lm.sum().item()
+            fractions = clip_fractions(ratio, advantages[j], lm, eps)
             stats["loss"] += loss.item()
-            stats["ratio_sum"] += ratio.sum().item()
-            stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item() if ratio.numel() else 0.0)
-            stats["clipped"] += ((ratio - 1).abs() > eps).sum().item()
-            stats["tokens"] += m.sum().item()
+            stats["ratio_sum"] += (ratio * lm).sum().item()
+            stats["ratio_max"] = max(stats["ratio_max"], ratio[lm.bool()].max().item() if n else 0.0)
+            for k, f in zip(["low", "high", "region"], fractions):
+                stats[k] += f * n
+            stats["entropy"] += (entropy * mask[j]).sum().item()
+            stats["tokens"] += n
+            stats["seen"] += mask[j].sum().item()
     grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), a.max_grad_norm)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2: DTensor
     lr = sched.get_last_lr()[0]
@@ -903,9 +977,18 @@ def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, ad
     sched.step()
     opt.zero_grad(set_to_none=True)
     n = max(stats["tokens"], 1.0)
-    return dict(loss=stats["loss"], ratio_mean=stats["ratio_sum"] / n, ratio_max=stats["ratio_max"],
-                clip_frac=stats["clipped"] / n, grad_norm=grad_norm, lr=lr, skipped_step=float(skipped),
-                **(dict(logp=torch.cat(kept)) if keep_logp else {}))
+    return {"loss": stats["loss"], "ratio_mean": stats["ratio_sum"] / n, "ratio_max": stats["ratio_max"],
+            "clip_ratio/low_mean": stats["low"] / n, "clip_ratio/high_mean": stats["high"] / n,
+            "clip_ratio/region_mean": stats["region"] / n, "entropy": stats["entropy"] / max(stats["seen"], 1.0),
+            "grad_norm": grad_norm, "lr": lr, "skipped_step": float(skipped),
+            **(dict(logp=torch.cat(kept)) if keep_logp else {})}
+
+
+def loss_norm(a):
+    """'constant' (1/N: Eq. 5, 10) or 'length' (1/|o_i|: Eq. 2) -- --loss_norm, with auto resolved by --algo."""
+    if a.loss_norm != "auto":
+        return a.loss_norm
+    return "length" if a.algo == "grpo" else "constant"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -914,7 +997,7 @@ def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, ad
 
 @torch.inference_mode()
 def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_length, eos_ids, batch_size,
-             temperature=0.0, synced=False):
+             temperature=0.0, synced=False, chat=False):
     """Completion texts (up to the first EOS) for a list of problems: greedy when temperature == 0, else sampled
     at that temperature with top_k=0, top_p=1. Shared by the trainer's held-out accuracy and eval.py."""
     from transformers import GenerationConfig
@@ -927,7 +1010,7 @@ def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_le
     texts = []
     for i in tqdm(range(0, len(problems), batch_size), desc="generating", leave=False,
                   disable=len(problems) <= batch_size):
-        ids, mask = encode_prompts(tokenizer, problems[i:i + batch_size], template, max_prompt_length, device)
+        ids, mask = encode_prompts(tokenizer, problems[i:i + batch_size], template, max_prompt_length, device, chat)
         comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                               synced_gpus=synced)[:, ids.shape[1]:]
         texts += decode(tokenizer, comp, completion_mask(comp, eos_ids))
@@ -941,7 +1024,8 @@ def heldout_accuracy(model, tokenizer, rows, a, eos_ids, synced=False):
     R, W = rank(), world()
     idx = list(range(R, -(-len(rows) // W) * W, W))  # this rank's problems; indices past the end are padding
     texts = complete(model, tokenizer, [rows[i % len(rows)]["problem"] for i in idx], a.template,
-                     a.max_completion_length, a.max_prompt_length, eos_ids, a.gen_batch_size, synced=synced)
+                     a.max_completion_length, a.max_prompt_length, eos_ids, a.gen_batch_size, synced=synced,
+                     chat=a.chat_template)
     scores = grade_batch(texts, [rows[i % len(rows)]["answer"] for i in idx], a.template, a.grade_timeout)()
     correct = sum(s for s, i in zip(scores, idx) if i < len(rows))
     return all_reduce([correct])[0] / len(rows)
@@ -1123,6 +1207,8 @@ def train(a):
     tokenizer = load_tokenizer(names[needs[0]])
     if len(needs) == 2:
         check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
+    if a.chat_template:
+        end_of_turn_id(tokenizer)  # a tokenizer without a chat template fails here, before any model is loaded
     prepare_output_dir(a, resuming=state is not None)  # every rank checks (and fails alike); rank 0 cleans up
     if dist.is_initialized():
         dist.barrier()
@@ -1134,7 +1220,7 @@ def train(a):
     models = {n: load_model(names[n], torch.float32 if fsdp else dtype, device, a.gradient_checkpointing)
               for n in needs}
     scorers = {n: parallelize(models[n], a, n in trained, dtype) for n in needs}  # log-prob modules, DDP / FSDP2
-    eos_ids, pad_id = eos_ids_of(tokenizer, *models.values()), tokenizer.pad_token_id
+    eos_ids, pad_id = eos_ids_of(tokenizer, *models.values(), chat=a.chat_template), tokenizer.pad_token_id
     GRADER["timeouts"] = 0
 
     B, M, G, N = a.batch_size, a.num_samples, a.group_size, a.max_completion_length
@@ -1190,7 +1276,7 @@ def train(a):
         # 1. rollouts: M completions per prompt from the small model (hint prefixes from the large one in epoch 1)
         t = time.perf_counter()
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [r["problem"] for r in batch], a.template,
-                                                 a.max_prompt_length, device)  # (B, P)
+                                                 a.max_prompt_length, device, a.chat_template)  # (B, P)
         hints = a.hint_tokens > 0 and epoch == 0
         with generating([scorers[roller]] + ([scorers["large"]] if hints else [])):
             comp, mask, hint_mask = rollout(models[roller], models.get("large"), prompt_ids, prompt_mask, a,
@@ -1210,9 +1296,11 @@ def train(a):
         fused = a.algo == "codistill" and M == G
         t = time.perf_counter()
         if a.algo != "grpo":
-            logp_small_old = score(scorers["small"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
+            logp_small_old, m["small/entropy"] = score(scorers["small"], prompt_ids, prompt_mask, comp, mask,
+                                                       a)  # (B*M, L)
         if a.algo != "grpo" and not fused:
-            logp_large_old = score(scorers["large"], prompt_ids, prompt_mask, comp, mask, a)  # (B*M, L)
+            logp_large_old, m["large/entropy"] = score(scorers["large"], prompt_ids, prompt_mask, comp, mask,
+                                                       a)  # (B*M, L)
         m["time/score"] = time.perf_counter() - t
 
         # 4. rewards r: accuracy (+ format for r1)
@@ -1226,11 +1314,13 @@ def train(a):
         # 5. (M == G) the large step of 9, on all M rollouts, before the small step: the two are independent
         for n in ["small", "large"]:
             m[f"time/update_{n}"] = 0.0
+        # the large model's ratio on the hint tokens it sampled: against itself (behaviour) or pi_phi_old (Eq. 10)
+        large_own = hint_mask if a.large_hint_ratio == "behaviour" else None  # (B*M, L)
         if fused:
             t = time.perf_counter()
             adv = group_advantages(rewards.view(B, M), scale_by_std=True).reshape(-1)  # (B*M,)  Eq. (3)
             stats_large = update(scorers["large"], *optims["large"], prompt_ids, prompt_mask, comp, mask,
-                                 logp_small_old, adv, a, keep_logp=True)  # Eq. (10)
+                                 logp_small_old, adv, a, keep_logp=True, own=large_own)  # Eq. (10)
             logp_large_old = stats_large.pop("logp")  # (B*M, L)  log pi_theta_old: its forward before the step
             m["time/update_large"] = time.perf_counter() - t
 
@@ -1244,6 +1334,9 @@ def train(a):
         keep = downsample(rewards_kd.view(B, M), G)  # (B, G)
         flat = (keep + torch.arange(B, device=keep.device)[:, None] * M).reshape(-1)  # (B*G,) rows into B*M
         k_prompt, k_pmask, k_comp, k_mask = prompt_ids[flat], prompt_mask[flat], comp[flat], mask[flat]
+        if a.algo != "grpo":  # how far apart the two models are on the kept tokens: Eq. (6)'s summand, mean per token
+            m["small/kd_log_ratio"] = ((logp_large_old - logp_small_old)[flat] * k_mask).sum().item() / max(
+                k_mask.sum().item(), 1)
 
         # 7. advantages over the kept G
         r_kept = rewards[flat].view(B, G)  # (B, G)
@@ -1260,19 +1353,22 @@ def train(a):
             t = time.perf_counter()
             hint_kept = k_mask * hint_mask[flat]  # (B*G, L)
             small_old = logp_small_old[flat]  # (B*G, L)
-            small_mask = k_mask
+            small_loss_mask = k_mask
             if a.hint_ratio == "large":  # Eq. (8) option (i): hint tokens weighted against the large model
                 small_old = torch.where(hint_kept.bool(), logp_large_old[flat], small_old)
-            elif a.hint_ratio == "ignore":  # option (ii): hint tokens left out of the small loss
-                small_mask = k_mask * (1 - hint_kept)
-            stats = update(scorers["small"], *optims["small"], k_prompt, k_pmask, k_comp, small_mask, small_old,
-                           adv_small, a)
+            elif a.hint_ratio == "ignore":  # option (ii): hint tokens left out of the small loss (still seen)
+                small_loss_mask = k_mask * (1 - hint_kept)
+            stats = update(scorers["small"], *optims["small"], k_prompt, k_pmask, k_comp, k_mask, small_old,
+                           adv_small, a, loss_mask=small_loss_mask)
+            stats.pop("entropy")  # the scoring pass gave it, over all M rollouts
             m["time/update_small"] = time.perf_counter() - t
             # 9. large step, Eq. (10): rho = pi_theta / pi_phi_old, the original-reward advantages of Eq. (3)
             if a.algo == "codistill" and not fused:
                 t = time.perf_counter()
                 stats_large = update(scorers["large"], *optims["large"], k_prompt, k_pmask, k_comp, k_mask,
-                                     logp_small_old[flat], adv_large, a)
+                                     logp_small_old[flat], adv_large, a,
+                                     own=None if large_own is None else large_own[flat])
+                stats_large.pop("entropy")  # the scoring pass gave it, over all M rollouts
                 m["time/update_large"] = time.perf_counter() - t
             if a.algo == "codistill":
                 m.update({f"large/{k}": v for k, v in stats_large.items()})

@@ -112,7 +112,8 @@ def score_model(model, tokenizer, rows, s, seed):
     """Completions of one model on one benchmark (greedy, or sampled with this seed) -> per-problem results."""
     torch.manual_seed(seed)
     texts = cg.complete(model, tokenizer, [r["problem"] for r in rows], s["template"], s["max_new_tokens"],
-                        s["max_prompt_length"], cg.eos_ids_of(tokenizer, model), s["batch_size"], s["temperature"])
+                        s["max_prompt_length"], cg.eos_ids_of(tokenizer, model, chat=s["chat_template"]),
+                        s["batch_size"], s["temperature"], chat=s["chat_template"])
     correct = cg.grade_batch(texts, [r["answer"] for r in rows], s["template"])()  # one batch to the grader
     return [dict(problem=r["problem"], gold=r["answer"], completion=t, seed=seed, correct=c)
             for r, t, c in zip(rows, texts, correct)]
@@ -186,7 +187,8 @@ def evaluate_models(a):
     s = dict(temperature=a.temperature, batch_size=a.batch_size, seeds=list(range(a.seeds)),
              template=setting(a.template, "template", recorded, toy_only),
              max_new_tokens=setting(a.max_new_tokens, "max_completion_length", recorded, toy_only),
-             max_prompt_length=setting(a.max_prompt_length, "max_prompt_length", recorded, toy_only))
+             max_prompt_length=setting(a.max_prompt_length, "max_prompt_length", recorded, toy_only),
+             chat_template=setting(a.chat_template, "chat_template", recorded, toy_only))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     accuracies, results = {}, []
@@ -340,15 +342,21 @@ def plot_runs(groups, plot_dir):
         if len(group) > 1:
             ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.15, linewidth=0)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # each its own scale: the two models are far apart
-    for ax, model in zip(axes, ["small", "large"]):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))  # each its own scale: the two models are far apart
+    for col, model in enumerate(["small", "large"]):
         key_of = lambda run: f"{run['prefix'][model]}/test_accuracy"
         for label, group in groups:  # a model evaluated once (frozen, e.g. kdrl's large) is left out
             if model in group[0]["prefix"] and len(series(group[0], key_of(group[0]))[0]) != 1:
-                curve(ax, label, group, key_of, marker="o")
-        ax.set(title=f"{model} model", xlabel="iteration", ylabel="held-out accuracy")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+                curve(axes[0, col], label, group, key_of, marker="o")
+        axes[0, col].set(title=f"{model} model", xlabel="iteration", ylabel="held-out accuracy")
+        entropy_of = lambda run: f"{run['prefix'][model]}/entropy"  # per token, on the iteration's rollouts
+        for label, group in groups:
+            if model in group[0]["prefix"] and series(group[0], entropy_of(group[0]))[0]:
+                curve(axes[1, col], label, group, entropy_of)
+        axes[1, col].set(xlabel="iteration", ylabel="entropy per completion token (nats)")
+        for ax in axes[:, col]:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     save(fig, "test_accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -393,8 +401,8 @@ def evaluate_runs(a):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     paper, tiny = cg.Args(), cg.PRESETS["tiny"]
-    default = lambda key: f"default: the checkpoints' (args.json), else {tiny[key]} for toy only, " \
-                          f"else {getattr(paper, key)}"
+    default = lambda key: f"default: the checkpoints' (args.json), else {tiny.get(key, getattr(paper, key))} for " \
+                          f"toy only, else {getattr(paper, key)}"
     p.add_argument("models", nargs="*", metavar="MODEL", help="checkpoint folders or hub ids; the first: the baseline")
     p.add_argument("--benchmarks", default="minerva,math500,amc23,olympiadbench",
                    help=f"comma-separated: {', '.join(BENCHMARKS)}, toy, or local JSON/JSONL files\n"
@@ -406,6 +414,8 @@ def parse_args(argv=None):
     p.add_argument("--max_prompt_length", type=int, help="longer prompts are cut; " + default("max_prompt_length"))
     p.add_argument("--batch_size", type=int, default=64, help="problems per generate call (default: %(default)s)")
     p.add_argument("--template", choices=list(cg.TEMPLATES), help="prompt template; " + default("template"))
+    p.add_argument("--chat_template", action=argparse.BooleanOptionalAction,
+                   help="wrap prompts in the tokenizer's chat template; " + default("chat_template"))
     p.add_argument("--out", help="write the table rows and the per-problem results to this JSON file")
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR", help="training runs to summarize and plot")
     p.add_argument("--plot_dir", default="plots", help="where the --runs PNGs go (default: %(default)s)")

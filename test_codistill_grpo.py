@@ -136,6 +136,39 @@ def test_policy_loss_is_mean_over_sequences_and_divides_by_constant_n():
     assert cg.policy_loss(logp, logp, adv, short, max_len=10, clip_eps=0.2).item() == pytest.approx(-0.1)
 
 
+def test_policy_loss_eq2_divides_each_sequence_by_its_length_by_hand():
+    # the numbers of the Eq. (5) test, with max_len None: each row's sum over |o_i| (its mask's sum) instead of N
+    ratio = torch.tensor([[1.5, 0.5], [1.1, 0.7], [0.5, 1.5]])
+    logp_old = torch.tensor([[-1.0, -2.0], [-0.3, -0.4], [-3.0, -1.0]])
+    logp = (logp_old + ratio.log()).requires_grad_()
+    adv = torch.tensor([1.0, -2.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    loss = cg.policy_loss(logp, logp_old, adv, mask, max_len=None, clip_eps=0.2)
+    # row 0: 1.7 / 2 = 0.85 ; row 1: -2.2 / 1 = -2.2 ; row 2: -2.3 / 2 = -1.15 -> loss = -(0.85 - 2.2 - 1.15) / 3
+    assert loss.item() == pytest.approx(2.5 / 3, abs=1e-6)
+    loss.backward()
+    # d loss / d logp = -(1/3)(1/|o_i|) * rho * A on the unclipped, unmasked tokens
+    expected = torch.tensor([[0.0, -0.5 / 6], [2.2 / 3, 0.0], [0.0, 1.5 / 6]])
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+
+
+def test_clip_fractions_count_only_tokens_whose_gradient_the_clip_removes_by_hand():
+    ratio = torch.tensor([[1.5, 0.5], [1.1, 0.7], [0.5, 1.5]])
+    adv = torch.tensor([1.0, -2.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    low, high, region = cg.clip_fractions(ratio, adv, mask, clip_eps=0.2)
+    # 5 tokens in the mask. low (rho < 0.8, A < 0): row 2's 0.5 (row 1's 0.7 is masked; row 0's 0.5 has A > 0).
+    # high (rho > 1.2, A > 0): row 0's 1.5 (row 2's 1.5 has A < 0). |rho - 1| > eps alone would count 4 of 5.
+    assert (low, high, region) == (pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.4))
+
+
+@pytest.mark.parametrize("algo, norm, expected", [("grpo", "auto", "length"), ("codistill", "auto", "constant"),
+                                                  ("kdrl", "auto", "constant"), ("grpo", "constant", "constant"),
+                                                  ("codistill", "length", "length")])
+def test_loss_norm_defaults_to_the_papers_form_of_each_algorithm(algo, norm, expected):
+    assert cg.loss_norm(cg.Args(algo=algo, loss_norm=norm)) == expected
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masks and log-probs
 
@@ -200,6 +233,22 @@ def test_chunked_logprobs_equal_naive_values_and_gradients(tiny):
     model.zero_grad()
 
 
+def test_entropy_is_that_of_the_sampling_distribution(tiny):
+    tok, model = tiny
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
+    comp = torch.randint(1, len(tok) - 1, (2, 5), generator=torch.Generator().manual_seed(3))
+    cmask = torch.ones_like(comp)
+    with torch.no_grad():
+        logp, entropy = cg.token_logprobs(model, ids, pmask, comp, cmask, 0.7, chunk=3, entropy=True)
+        full = torch.cat([ids, comp], 1)
+        attn = torch.cat([pmask, cmask], 1)
+        logits = model(input_ids=full, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+        p = torch.softmax(logits[:, ids.shape[1] - 1:-1].float() / 0.7, -1)  # (2, 5, V) at the temperature
+        naive = -(p * p.log()).sum(-1)
+    assert torch.allclose(entropy, naive, atol=1e-4)
+    assert torch.equal(logp, cg.token_logprobs(model, ids, pmask, comp, cmask, 0.7, chunk=3))
+
+
 def test_logprobs_equal_the_scores_generate_sampled_with(tiny):
     from transformers import GenerationConfig
     tok, model = tiny
@@ -258,7 +307,7 @@ def test_an_on_policy_step_needs_no_scoring_pass(tiny):
     for scored in [True, False]:
         model = copy.deepcopy(model0)
         scorer = cg.TokenLogprobs(model)
-        old = cg.score(scorer, ids, pmask, comp, cmask, a) if scored else None
+        old = cg.score(scorer, ids, pmask, comp, cmask, a)[0] if scored else None
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         stats.append(cg.update(scorer, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ids, pmask, comp,
                                cmask, old, torch.tensor([1.0, -1.0, 0.5, -0.5]), a))
@@ -279,12 +328,12 @@ def test_the_log_probs_an_update_keeps_are_the_models_before_its_step(tiny):
     cmask[2, 3:] = 0
     a = cg.Args(micro_batch_size=2, max_completion_length=5)
     scorer = cg.TokenLogprobs(model)
-    before = cg.score(scorer, ids, pmask, comp, cmask, a)
+    before = cg.score(scorer, ids, pmask, comp, cmask, a)[0]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     stats = cg.update(scorer, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ids, pmask, comp, cmask,
                       before - 0.1, torch.tensor([1.0, -1.0, 0.5]), a, keep_logp=True)
     assert torch.allclose(stats["logp"], before, atol=1e-6)
-    assert not torch.allclose(cg.score(scorer, ids, pmask, comp, cmask, a), before, atol=1e-3)  # it did step
+    assert not torch.allclose(cg.score(scorer, ids, pmask, comp, cmask, a)[0], before, atol=1e-3)  # it did step
 
 
 def test_gradient_checkpointing_gives_the_same_step(world, tiny):
@@ -438,12 +487,12 @@ def test_codistill_wiring_of_old_logprobs_and_advantages(based, tmp_path, monkey
 
     def spy_score(model, *args):
         out = real_score(model, *args)
-        scores.append((model, out))
+        scores.append((model, out[0]))
         return out
 
-    def spy_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a):
+    def spy_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, **kw):
         updates.append((model, logp_old.clone(), advantages.clone()))
-        return real_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a)
+        return real_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, **kw)
     monkeypatch.setattr(cg, "score", spy_score)
     monkeypatch.setattr(cg, "update", spy_update)
     cg.main(based_argv(based, tmp_path, "--max_steps", "1", "--eval_size", "0", "--alpha", "2"))
@@ -470,8 +519,9 @@ def test_with_m_equal_g_the_large_step_comes_first_and_scores_for_the_kd_reward(
     real_score, real_update = cg.score, cg.update
 
     def spy_score(model, *args):
-        scores.append((model, real_score(model, *args)))
-        return scores[-1][1]
+        out = real_score(model, *args)
+        scores.append((model, out[0]))
+        return out
 
     def spy_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, **kw):
         out = real_update(model, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, **kw)
@@ -486,7 +536,7 @@ def test_with_m_equal_g_the_large_step_comes_first_and_scores_for_the_kd_reward(
     (large, mask, old_l, adv_l, logp_large_old, seqs), (m_s, _, old_s, adv_s, _, _) = updates
     assert m_s is small and large is not small and logp_large_old is not None
     base_large = cg.TokenLogprobs(cg.load_model(based["large"], torch.float32, "cpu", False))
-    assert torch.allclose(cg.score(base_large, *seqs, mask, cg.Args()), logp_large_old, atol=1e-5)  # before its step
+    assert torch.allclose(cg.score(base_large, *seqs, mask, cg.Args())[0], logp_large_old, atol=1e-5)  # before its step
     assert torch.equal(old_l, logp_small_old) and torch.equal(old_s, logp_small_old)  # all M rows, in order
     kd = cg.kd_reward(logp_large_old, logp_small_old, mask, 16)  # (B*G,)
     row = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][1]
@@ -499,12 +549,86 @@ def test_with_m_equal_g_the_large_step_comes_first_and_scores_for_the_kd_reward(
         assert torch.allclose(rp, al * scale, atol=1e-5)
 
 
+def spy_losses(monkeypatch):
+    """Record every policy_loss call of a run with the model that made it ('small' / 'large', told apart by width)."""
+    calls, current = [], []
+    real_update, real_loss = cg.update, cg.policy_loss
+
+    def spy_update(scorer, *args, **kw):
+        current.append("small" if cg.lm_of(scorer).config.hidden_size == cg.TINY_CONFIGS["small"]["hidden_size"]
+                       else "large")
+        return real_update(scorer, *args, **kw)
+
+    def spy_loss(logp, logp_old, advantages, mask, max_len, clip_eps):
+        calls.append(dict(model=current[-1], ratio=torch.exp(logp - logp_old).detach(), mask=mask.clone(),
+                          max_len=max_len))
+        return real_loss(logp, logp_old, advantages, mask, max_len, clip_eps)
+    monkeypatch.setattr(cg, "update", spy_update)
+    monkeypatch.setattr(cg, "policy_loss", spy_loss)
+    return calls
+
+
 @pytest.mark.parametrize("hint_ratio", ["small", "large", "ignore"])
-def test_hints_in_the_first_epoch(world, tmp_path, hint_ratio):
-    cg.main(tiny_argv(world, tmp_path, "--hint_tokens", "4", "--hint_ratio", hint_ratio, "--eval_size", "0"))
-    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert 0 < rows[1]["small/hint_length"] <= 4
-    assert rows[1]["small/completion_length"] <= 16
+@pytest.mark.parametrize("M", [8, 4], ids=["M>G", "M=G"])
+def test_hints_in_the_first_epoch_and_the_ratio_on_them(world, tmp_path, monkeypatch, hint_ratio, M):
+    """T = 4 hint tokens from the (random) large model, which writes all 4 of them. The small model's ratio is 1 on
+    its own tokens before its step, whatever --hint_ratio; on the hint tokens it is 1 with small (Eq. 5), pi_phi /
+    pi_theta_old with large (Eq. 8 i), and they leave the loss with ignore while the model still sees them. The large
+    model's ratio on its own hint tokens is 1 (--large_hint_ratio behaviour, the default)."""
+    calls = spy_losses(monkeypatch)
+    cg.main(tiny_argv(world, tmp_path, "--hint_tokens", "4", "--hint_ratio", hint_ratio, "--eval_size", "0",
+                      "--max_steps", "1", "--num_samples", str(M)))
+    row = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][1]
+    assert row["small/hint_length"] == 4 and row["small/completion_length"] <= 16
+    small = [c for c in calls if c["model"] == "small"]
+    large = [c for c in calls if c["model"] == "large"]
+    assert small and large
+    for c in small:
+        own = c["ratio"][:, 4:][c["mask"][:, 4:].bool()]
+        assert torch.allclose(own, torch.ones_like(own), atol=1e-5)  # its own tokens, before its step
+        hint = c["ratio"][:, :4]
+        if hint_ratio == "ignore":
+            assert c["mask"][:, :4].sum() == 0  # out of the loss (and so out of ratio_mean)
+        elif hint_ratio == "small":
+            assert torch.allclose(hint, torch.ones_like(hint), atol=1e-5)
+        else:
+            assert (hint - 1).abs().max() > 1e-2  # pi_phi / pi_theta_old: two different models
+    if hint_ratio != "large":
+        assert row["small/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    for c in large:
+        hint = c["ratio"][:, :4]
+        assert torch.allclose(hint, torch.ones_like(hint), atol=1e-5)  # behaviour: against itself
+        assert (c["ratio"][:, 4:] - 1).abs().max() > 1e-2  # after the hint: against pi_phi_old, Eq. (10)
+
+
+@pytest.mark.parametrize("M", [8, 4], ids=["M>G", "M=G"])
+def test_large_hint_ratio_small_is_the_literal_eq_10(world, tmp_path, monkeypatch, M):
+    calls = spy_losses(monkeypatch)
+    cg.main(tiny_argv(world, tmp_path, "--hint_tokens", "4", "--large_hint_ratio", "small", "--eval_size", "0",
+                      "--max_steps", "1", "--num_samples", str(M)))
+    large = [c for c in calls if c["model"] == "large"]
+    assert large and all((c["ratio"][:, :4] - 1).abs().max() > 1e-2 for c in large)  # pi_theta / pi_phi_old
+
+
+@pytest.mark.parametrize("algo, flags, max_len", [("grpo", [], None), ("grpo", ["--loss_norm", "constant"], 16),
+                                                   ("codistill", [], 16), ("kdrl", [], 16)])
+def test_the_loss_divides_by_the_normalisation_of_its_equation(world, tmp_path, monkeypatch, algo, flags, max_len):
+    calls = spy_losses(monkeypatch)
+    cg.main(tiny_argv(world, tmp_path, "--algo", algo, "--eval_size", "0", "--max_steps", "1", *flags))
+    assert calls and all(c["max_len"] == max_len for c in calls)
+
+
+def test_metrics_a_grpo_user_reads(world, tmp_path):
+    """Entropy per model, TRL's clip fractions, and the mean log-ratio of the two models on the kept tokens: with
+    M == G every rollout is kept, so it is the KD term times N over the mean completion length."""
+    cg.main(tiny_argv(world, tmp_path, "--eval_size", "0", "--num_samples", "4"))
+    row = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][2]
+    for model in ["small", "large"]:
+        assert 0 < row[f"{model}/entropy"] <= math.log(600)  # nats, at most log(vocabulary)
+        low, high, region = (row[f"{model}/clip_ratio/{k}_mean"] for k in ["low", "high", "region"])
+        assert 0 <= low <= region and 0 <= high <= region and region == pytest.approx(low + high)
+    assert row["small/kd_log_ratio"] == pytest.approx(row["small/kd_reward"] * 16 / row["small/completion_length"],
+                                                      rel=1e-4)
 
 
 def test_rollout_with_hints_starts_with_the_large_models_tokens(world, tiny):
@@ -525,6 +649,62 @@ def test_rollout_with_hints_starts_with_the_large_models_tokens(world, tiny):
     for row, h, e in zip(comp, hint, expected):
         n = h.sum().item()
         assert torch.equal(row[:n], e[:n])
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's, without its system turn
+
+
+@pytest.fixture(scope="session")
+def chat(world, tmp_path_factory):
+    """The tiny models with a tokenizer given Qwen's ChatML template and its two special tokens (embeddings grown)."""
+    from transformers import AutoModelForCausalLM
+    root = tmp_path_factory.mktemp("chat")
+    tok = cg.load_tokenizer(world["small"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    for name in ["small", "large"]:
+        model = AutoModelForCausalLM.from_pretrained(world[name])
+        model.resize_token_embeddings(len(tok))
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return dict(world, small=str(root / "small"), large=str(root / "large"))
+
+
+def test_chat_template_wraps_the_prompt_and_ends_at_the_end_of_turn(chat):
+    tok = cg.load_tokenizer(chat["small"])
+    ids, mask = cg.encode_prompts(tok, ["What is 1 + 2"], "boxed", 64, "cpu", chat=True)
+    assert tok.decode(ids[0][mask[0].bool()]) == ("<|im_start|>user\n" + cg.TEMPLATES["boxed"].format(
+        prompt="What is 1 + 2") + "<|im_end|>\n<|im_start|>assistant\n")
+    plain, _ = cg.encode_prompts(tok, ["What is 1 + 2"], "boxed", 64, "cpu")
+    assert tok.decode(plain[0]) == cg.TEMPLATES["boxed"].format(prompt="What is 1 + 2")  # off: the raw prompt
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert cg.end_of_turn_id(tok) == im_end
+    assert cg.eos_ids_of(tok, chat=True) == sorted({tok.eos_token_id, im_end})
+    assert cg.eos_ids_of(tok) == [tok.eos_token_id]
+
+
+def test_a_run_with_the_chat_template(chat, tmp_path, monkeypatch):
+    seen = []
+    real_sample = cg.sample
+
+    def spy(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, *args, **kw):
+        seen.append((prompt_ids, eos_ids))
+        return real_sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, *args, **kw)
+    monkeypatch.setattr(cg, "sample", spy)
+    cg.main(tiny_argv(chat, tmp_path, "--small_model", chat["small"], "--large_model", chat["large"], "--max_steps",
+                      "1", "--chat_template"))
+    tok = cg.load_tokenizer(chat["small"])
+    prompt_ids, eos_ids = seen[0]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in eos_ids
+    assert tok.decode(prompt_ids[0]).endswith("<|im_start|>assistant\n")
+    assert json.load(open(tmp_path / "args.json"))["chat_template"] is True
+
+
+def test_chat_template_without_one_in_the_tokenizer_exit_2(world, tmp_path, capsys, no_models):
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, tmp_path, "--chat_template"))
+    assert e.value.code == 2 and "has no chat template" in capsys.readouterr().err
 
 
 def test_checkpoints_load_with_from_pretrained_alone(world, tmp_path):
@@ -1106,7 +1286,7 @@ def test_scores_count_right_answers(world, tmp_path, monkeypatch):
     """Scoring and the table on known completions: the 1st and 3rd of four answers right -> 50.00."""
     rows = [{"problem": f"What is {i} + 1", "answer": str(i + 1)} for i in range(4)]
     local = write_jsonl(tmp_path / "four.jsonl", rows)
-    monkeypatch.setattr(cg, "complete", lambda model, tok, problems, template, *rest: [
+    monkeypatch.setattr(cg, "complete", lambda model, tok, problems, template, *rest, **kw: [
         f"\\boxed{{{int(p.split()[2]) + (1 if i % 2 == 0 else 5)}}}" for i, p in enumerate(problems)])
     out = tmp_path / "scores.json"
     ev.main([world["small"], "--benchmarks", local, "--max_new_tokens", "2", "--template", "boxed",
