@@ -2,14 +2,17 @@
 CoDistill-GRPO: a small and a large language model trained together with GRPO, in one readable file.
 
 Paper: "CoDistill-GRPO: A Co-Distillation Recipe for Efficient Group Relative Policy Optimization" (2026).
-Equation numbers in comments, `# Eq. (N)`, are the paper's. One iteration, per rank, B prompts:
+Equation numbers in comments, `# Eq. (N)`, are the paper's. One iteration, per rank, B prompts (train() below):
 
-    small model samples M completions per prompt (the large model writes the first T tokens in epoch 1)
-    -> rewards r (accuracy + format) -> log-probs of both models, no grad
-    -> KD reward r~ = r + alpha * (1/N) sum_t (log pi_large - log pi_small)       Eq. (6)
-    -> keep the G/2 highest and G/2 lowest r~ of the M                           Sec. 3.3
-    -> small step: A~ = r~ - mean(r~), clipped ratio pi_small / pi_small_old     Eq. (7), (5)
-    -> large step: A = (r - mean r) / std r, clipped ratio pi_large / pi_small_old  Eq. (3), (10)
+    1. rollouts: the small model samples M completions per prompt (in epoch 1 the large model writes the first T)
+    2. rewards r: accuracy (+ format for the r1 template), graded in a worker process while 3 runs
+    3. score: log pi_phi_old and log pi_theta_old of every completion token, no grad
+    4. KD reward r~ = r + alpha * (1/N) sum_t (log pi_theta_old - log pi_phi_old)      Eq. (6)
+       and downsampling: keep the G/2 highest and the G/2 lowest r~ of the M          Sec. 3.3
+    5. advantages over the kept G: A~ = r~ - mean(r~) (small), A = (r - mean r) / std r (large)   Eq. (7), (3)
+    6. small step: clipped ratio pi_phi / pi_phi_old with A~, sum over tokens / N      Eq. (5)
+    7. large step: clipped ratio pi_theta / pi_phi_old with A, sum over tokens / N     Eq. (10)
+    8. log (metrics.jsonl, rollouts.jsonl), held-out accuracy, checkpoint
 
 Run it:
     python codistill_grpo.py --preset tiny                  # offline, CPU, minutes: the whole method on a toy task
@@ -23,10 +26,15 @@ Run it:
 Deliberate choices where the paper is silent (each is a flag):
 - clip range eps = 0.2 and sampling temperature tau = 1.0 (the usual GRPO values; the paper gives neither).
 - Hint tokens are scored in the small model's loss as if the small model had sampled them (the paper's choice,
-  end of Sec. 3.1); `--hint_ratio large|ignore` gives the two alternatives of Eq. (8) and Appendix C. The large
-  model's loss is Eq. (10) on every token.
+  end of Sec. 3.1); `--hint_ratio large|ignore` gives the two alternatives of Eq. (8) and Appendix C. In the large
+  model's loss, the hint tokens it sampled itself are weighted against itself (`--large_hint_ratio behaviour`).
 - One optimizer step per model per batch (so pi_old is the model that sampled), no reference model (beta = 0).
 - `--lr_small` and `--lr_large` are separate (both 5e-6 in the paper).
+- The GRPO baseline divides each sequence by its length, as Eq. (2) is written (`--loss_norm`).
+
+The file reads in that order: arguments, the equations, rollouts, log-probs, one optimizer step, the loop. Below
+the banner `below: machinery the paper does not describe` come grading, data, the tiny offline world, models,
+distributed training, checkpoints and `main`: a reader who stops at the banner has read the whole method.
 """
 
 import argparse
@@ -38,10 +46,12 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -49,15 +59,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-GRADE_TIMEOUT_S = 5.0  # default hard limit of one grading call, in seconds
-
-
-class BadInput(Exception):
-    """Bad user input: main() prints the one-line message and exits with status 2."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments and presets. The defaults are the paper's Qwen setting (Appendix B, Table 3).
+
+GRADE_TIMEOUT_S = 5.0  # default hard limit of one grading call, in seconds
 
 
 def arg(default, help, **kw):
@@ -162,58 +167,75 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None):
-    """Args from the command line: dataclass defaults < preset < (with --resume) the run's saved args < flags given."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    for f in dataclasses.fields(Args):
-        kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"), default=argparse.SUPPRESS)
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-        else:
-            extra = {k: f.metadata[k] for k in ["choices", "nargs", "const"] if k in f.metadata}
-            p.add_argument(f"--{f.name}", type=f.type, **extra, **kw)
-    given = vars(p.parse_args(argv))
-    base = PRESETS[given.get("preset", "")]
-    if given.get("resume"):
-        output_dir = given.get("output_dir", base.get("output_dir", Args.output_dir))
-        ckpt = find_checkpoint(output_dir if given["resume"] == "latest" else given["resume"])
-        with open(os.path.join(ckpt, "args.json")) as f:
-            base = {k: v for k, v in json.load(f).items() if k in {f.name for f in dataclasses.fields(Args)}}
-        base.update(output_dir=os.path.dirname(os.path.abspath(ckpt)), resume=ckpt)
-        given.pop("resume")
-    return Args(**{**base, **given})
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's equations, as pure functions (tensors in, tensors out)
 
 
-def check_args(a):
-    """Reject bad settings before anything is loaded."""
-    M, G, N, T = a.num_samples, a.group_size, a.max_completion_length, a.hint_tokens
-    if G < 2 or G % 2:
-        raise BadInput(f"--group_size must be even and >= 2 (G/2 highest and G/2 lowest are kept), got {G}")
-    if G > M:
-        raise BadInput(f"--group_size G={G} must be <= --num_samples M={M}")
-    if a.alpha < 0:
-        raise BadInput(f"--alpha must be >= 0, got {a.alpha}")
-    if N < 1 or not 0 <= T < N:
-        raise BadInput(f"--hint_tokens T={T} must be >= 0 and < --max_completion_length N={N}")
-    if T > 0 and a.algo == "grpo":
-        raise BadInput("--hint_tokens needs a large model to write hints: use --algo codistill or kdrl")
-    if not 0 <= a.clip_eps < 1:
-        raise BadInput(f"--clip_eps must be in [0, 1), got {a.clip_eps}")
-    if a.temperature <= 0:
-        raise BadInput(f"--temperature must be > 0, got {a.temperature}")
-    for name in ["batch_size", "micro_batch_size", "gen_batch_size", "logprob_chunk", "epochs", "max_prompt_length"]:
-        if getattr(a, name) < 1:
-            raise BadInput(f"--{name} must be >= 1, got {getattr(a, name)}")
-    if a.grade_timeout <= 0:
-        raise BadInput(f"--grade_timeout must be > 0, got {a.grade_timeout}")
-    for name in ["max_steps", "eval_size", "eval_every", "save_every", "keep_checkpoints", "tiny_warmup_small",
-                 "tiny_warmup_large"]:
-        if getattr(a, name) < 0:
-            raise BadInput(f"--{name} must be >= 0, got {getattr(a, name)}")
+def kd_reward(logp_large, logp_small, mask, max_len):  # Eq. (6), the KD term without alpha
+    """(1/N) sum_t mask_t (log pi_theta - log pi_phi): (S, L) each -> (S,)."""
+    return ((logp_large - logp_small) * mask).sum(-1) / max_len  # (S,)
+
+
+def downsample(rewards, G):  # Sec. 3.3
+    """Per prompt, the indices of the G/2 highest and G/2 lowest rewards: (B, M) -> (B, G). M == G keeps all."""
+    B, M = rewards.shape
+    if G == M:
+        return torch.arange(M, device=rewards.device).expand(B, M)
+    order = torch.argsort(rewards, dim=1, descending=True, stable=True)  # (B, M)
+    return torch.cat([order[:, :G // 2], order[:, M - G // 2:]], dim=1)  # (B, G)
+
+
+def group_advantages(rewards, scale_by_std):  # Eq. (3) with scale_by_std, Eq. (7) without
+    """Rewards minus their group mean, optionally divided by the group's (unbiased) std + 1e-4: (B, G) -> (B, G).
+    Without the std (Eq. 7) it is Dr. GRPO's advantage (Liu et al., 2025; TRL's scale_rewards=False)."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)  # (B, G)
+    if scale_by_std:
+        return centered / (rewards.std(dim=1, keepdim=True) + 1e-4)
+    return centered
+
+
+def policy_loss(logp, logp_old, advantages, mask, max_len, clip_eps):  # Eq. (5), (10); Eq. (2) with max_len None
+    """-(1/S) sum_i (1/N) sum_t mask * min(rho A_i, clip(rho, 1-eps, 1+eps) A_i), rho = exp(logp - logp_old).
+
+    With max_len = N this is Eq. (5) and (10): every sequence's token sum divided by the same constant N, which is
+    Dr. GRPO (Liu et al., 2025; TRL's loss_type="dr_grpo"). With max_len None each sequence's sum is divided by its
+    own length |o_i| (its mask's sum): the paper's Eq. (2), TRL's loss_type="grpo".
+    logp, logp_old, mask: (S, L); advantages: (S,). The log-ratio is clamped to [-20, 20] before exp so that a far
+    off-policy token (Eq. 10 compares two different models) cannot overflow.
+    """
+    ratio = torch.exp((logp - logp_old).clamp(-20.0, 20.0))  # (S, L)
+    A = advantages[:, None]  # (S, 1)
+    objective = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # (S, L)
+    length = mask.sum(-1).clamp(min=1) if max_len is None else max_len  # (S,) or the constant N
+    per_sequence = (objective * mask).sum(-1) / length  # (S,)  sum over tokens, divided by N (or |o_i|)
+    return -per_sequence.mean()  # mean over the S sequences
+
+
+def clip_fractions(ratio, advantages, mask, clip_eps):
+    """Fractions of the masked tokens whose gradient the clip removes, as TRL reports them: low, rho < 1-eps with
+    A < 0; high, rho > 1+eps with A > 0; region, either. ratio, mask: (S, L); advantages: (S,) -> 3 floats."""
+    A = advantages[:, None]  # (S, 1)
+    low = (ratio < 1 - clip_eps) & (A < 0)  # (S, L)
+    high = (ratio > 1 + clip_eps) & (A > 0)  # (S, L)
+    n = mask.sum().clamp(min=1)
+    return [((x * mask).sum() / n).item() for x in (low, high, low | high)]
+
+
+def small_step_terms(logp_small_old, logp_large_old, mask, hint, hint_ratio):  # Eq. (5) and Eq. (8)
+    """The small step's ratio denominator and loss mask, (S, L) each. Hint tokens (hint: written by the large model)
+    count as the small model's own (small: Eq. (5), the paper's choice), are weighted against pi_theta_old (large:
+    Eq. (8) option i), or leave the loss (ignore: option ii; the model still sees them)."""
+    hint = hint * mask  # (S, L)
+    if hint_ratio == "large":
+        return torch.where(hint.bool(), logp_large_old, logp_small_old), mask
+    if hint_ratio == "ignore":
+        return logp_small_old, mask * (1 - hint)
+    return logp_small_old, mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data, prompts and rewards (Appendix B, Tables 4 and 5)
+# Rewards (Appendix B, Tables 4 and 5): plain functions of strings, so that anyone can check them
+
 
 TEMPLATES = {
     "r1": ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
@@ -223,16 +245,414 @@ TEMPLATES = {
            "User: {prompt}. Assistant:"),
     "boxed": "Please reason step by step, and put your final answer within \\boxed{{}}.\nQuestion: {prompt}. Answer:",
 }
+
 FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
 def format_reward(completion):
     """r1 template: 0.25 for each of the four tags that appears exactly once -> float in [0, 1]."""
     return 0.25 * sum(completion.count(tag) == 1 for tag in FORMAT_TAGS)
 
 
+def format_rewards(completions, template):
+    """format_reward of each completion with the r1 template; 0.0 with boxed (Table 5: accuracy reward only)."""
+    return [format_reward(c) if template == "r1" else 0.0 for c in completions]
+
+
 def accuracy_reward(completion, gold, template, timeout=GRADE_TIMEOUT_S):
     """1.0 when the completion's final answer equals the gold answer (math-verify), else 0.0 (see grade_batch)."""
     return grade_batch([completion], [gold], template, timeout)()[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts (Sec. 3.1, Fig. 2)
+
+
+def prompt_texts(tokenizer, problems, template, chat=False):
+    """The template of Table 4 or 5 around each problem; with chat, that text is the user turn of the tokenizer's
+    chat template, and the assistant turn is opened (the text then carries its own special tokens)."""
+    texts = [TEMPLATES[template].format(prompt=p) for p in problems]
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+    return texts
+
+
+def encode_prompts(tokenizer, problems, template, max_prompt_length, device, chat=False):
+    """Left-padded prompt ids and mask, (B, P); long prompts keep their last max_prompt_length tokens."""
+    texts = prompt_texts(tokenizer, problems, template, chat)
+    ids = [x[-max_prompt_length:] for x in tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
+    P = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), P), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), P), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, P - len(x):] = torch.tensor(x)
+        mask[i, P - len(x):] = 1
+    return input_ids.to(device), mask.to(device)  # (B, P), (B, P)
+
+
+def completion_mask(completion_ids, eos_ids):
+    """1 on every token up to and including the first EOS, 0 after it; all 1 when there is no EOS (truncated).
+
+    Built from positions: the tokens after the first EOS are masked whatever they are, so pad == EOS is fine.
+    """
+    S, L = completion_ids.shape
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # (S, L)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], L, dtype=torch.long))
+    positions = torch.arange(L, device=completion_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).long()  # (S, L)
+
+
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, batch_size, synced=False):
+    """Completions sampled with HF generate (KV cache, ancestral sampling: top_k=0, top_p=1) -> (S, L <= N).
+    synced (FSDP2): ranks keep stepping together until all are done, as their layers gather in step."""
+    from transformers import GenerationConfig
+    was_training = model.training
+    model.eval()
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
+    P, outs = prompt_ids.shape[1], []
+    with torch.inference_mode():
+        for i in range(0, len(prompt_ids), batch_size):
+            out = model.generate(input_ids=prompt_ids[i:i + batch_size], attention_mask=prompt_mask[i:i + batch_size],
+                                 generation_config=config, synced_gpus=synced)
+            outs.append(out[:, P:])
+    model.train(was_training)
+    return pad_right(outs, pad_id)  # made outside inference mode: a normal tensor, which autograd may save
+
+
+def rollout(small, large, prompt_ids, prompt_mask, a, eos_ids, pad_id, hints, synced=False):
+    """M completions per prompt from the small model; with hints, the large model writes their first T tokens.
+
+    -> the rollouts as a dict of (B*M, .) tensors: prompt_ids and prompt_mask (each prompt repeated M times),
+    comp (completion ids, L <= N), mask (its completion mask) and hint (1 on the tokens the large model wrote).
+    """
+    M, N, T = a.num_samples, a.max_completion_length, a.hint_tokens
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
+    seqs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+    if not hints:
+        comp = sample(small, prompt_ids, prompt_mask, N, a.temperature, eos_ids, pad_id, a.gen_batch_size, synced)
+        return dict(seqs, comp=comp, mask=completion_mask(comp, eos_ids), hint=torch.zeros_like(comp))
+    hint = sample(large, prompt_ids, prompt_mask, T, a.temperature, eos_ids, pad_id, a.gen_batch_size,
+                  synced)  # (B*M, <=T)
+    hint_len = completion_mask(hint, eos_ids).sum(1).tolist()  # a hint that ends in EOS is a whole completion
+    # the small model continues prompt + hint: re-pad on the left, since hints differ in length
+    rows = [torch.cat([p[m.bool()], h[:n]]) for p, m, h, n in zip(prompt_ids, prompt_mask, hint, hint_len)]
+    P = max(len(r) for r in rows)
+    ctx = torch.stack([F.pad(r, (P - len(r), 0), value=pad_id) for r in rows])  # (B*M, P')
+    ctx_mask = torch.stack([F.pad(torch.ones_like(r), (P - len(r), 0)) for r in rows])
+    cont = sample(small, ctx, ctx_mask, N - T, a.temperature, eos_ids, pad_id, a.gen_batch_size,
+                  synced)  # (B*M, <=N-T)
+    comp = pad_right([torch.cat([h[:n], c]) for h, n, c in zip(hint, hint_len, cont)], pad_id)  # (B*M, L <= N)
+    positions = torch.arange(comp.shape[1], device=comp.device)[None]  # (1, L)
+    hint_mask = (positions < torch.tensor(hint_len, device=comp.device)[:, None]).long()  # (B*M, L)
+    return dict(seqs, comp=comp, mask=completion_mask(comp, eos_ids), hint=hint_mask)
+
+
+def take(seqs, rows):
+    """The rollouts of the given rows (a (S,) index tensor): each tensor of the dict indexed along its first axis."""
+    return {k: v[rows] for k, v in seqs.items()}
+
+
+def decode(tokenizer, completion_ids, mask):
+    """Texts of the completions, each up to its mask's length (so up to and including its first EOS)."""
+    return [tokenizer.decode(c[:n], skip_special_tokens=True) for c, n in zip(completion_ids, mask.sum(1).tolist())]
+
+
+def pad_right(seqs, pad_id):
+    """List of (s_i, L_i) or 1-D tensors -> one (sum s_i, max L_i) tensor padded on the right."""
+    seqs = [s if s.dim() == 2 else s[None] for s in seqs]
+    L = max(s.shape[1] for s in seqs)
+    return torch.cat([F.pad(s, (0, L - s.shape[1]), value=pad_id) for s in seqs])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token log-probs: fp32 log-softmax at the sampling temperature, in chunks of tokens so that a (S, L, vocab)
+# fp32 tensor never exists; with grad, each chunk's logits are recomputed in the backward pass instead of stored.
+
+
+def _chunk_logprobs(lm_head, hidden, targets, temperature):
+    logp = (lm_head(hidden).float() / temperature).log_softmax(-1)  # (C, V)
+    with torch.no_grad():  # entropy of the sampling distribution, a metric: sum_v p log p without a (C, V) product
+        entropy = -torch.linalg.vecdot(logp.exp(), logp)  # (C,)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy  # (C,), (C,)
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk,
+                   entropy=False):
+    """log pi(o_t | q, o_<t) of every completion token -> (S, L), fp32. Grad flows when grad mode is on.
+    entropy: also return the entropy of pi(. | q, o_<t) at every position (S, L), no grad -> (logp, entropy)."""
+    P = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (S, P+L)
+    attn = torch.cat([prompt_mask, completion_mask], 1)  # (S, P+L)
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state  # (S, P+L, H)
+    hidden = hidden[:, P - 1:-1]  # (S, L, H): the states that predict the completion tokens
+    S, L, H = hidden.shape
+    h, targets = hidden.reshape(S * L, H), completion_ids.reshape(S * L)  # (S*L, H), (S*L,)
+    lm_head, out = model.get_output_embeddings(), []
+    for i in range(0, S * L, chunk):
+        args = (lm_head, h[i:i + chunk], targets[i:i + chunk], temperature)
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*args))
+    logp = torch.cat([o[0] for o in out]).view(S, L)  # (S, L)
+    return (logp, torch.cat([o[1] for o in out]).view(S, L)) if entropy else logp
+
+
+class TokenLogprobs(torch.nn.Module):
+    """token_logprobs() as the forward of a module: the module DDP and FSDP2 wrap, so that their hooks see each
+    forward and backward (token_logprobs calls the decoder and the head separately, to chunk the head)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk):
+        """-> log-probs (S, L) and entropies (S, L, no grad)."""
+        logp, entropy = token_logprobs(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                       temperature, chunk, entropy=True)
+        return logp.clone(), entropy  # .clone(): FSDP2 hooks the backward on the output, which must not be a view
+
+
+@torch.no_grad()
+def score(scorer, seqs, a):
+    """Old-policy log-probs of the rollouts, in micro-batches, no grad: scorer is a model's TokenLogprobs (maybe
+    wrapped, see parallelize) -> log-probs (S, L), and the mean entropy per completion token (a float)."""
+    was_training = scorer.training
+    scorer.eval()
+    mb, mask = a.micro_batch_size, seqs["mask"]
+    out = [scorer(seqs["prompt_ids"][i:i + mb], seqs["prompt_mask"][i:i + mb], seqs["comp"][i:i + mb],
+                  mask[i:i + mb], a.temperature, a.logprob_chunk) for i in range(0, len(mask), mb)]
+    scorer.train(was_training)
+    entropy = torch.cat([o[1] for o in out])  # (S, L)
+    return torch.cat([o[0] for o in out]), ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step on one model
+
+
+def loss_norm(a):
+    """'constant' (1/N: Eq. 5, 10, Dr. GRPO) or 'length' (1/|o_i|: Eq. 2) -- --loss_norm, auto resolved by --algo."""
+    if a.loss_norm != "auto":
+        return a.loss_norm
+    return "length" if a.algo == "grpo" else "constant"
+
+
+def update(scorer, opt, sched, seqs, logp_old, advantages, a, loss_mask=None, own=None, keep_logp=False):
+    """One clipped policy-gradient step over this rank's S rollouts in micro-batches -> metrics. The loss of each
+    micro-batch is weighted by its share of S, so the accumulated gradient is that of the mean over S sequences;
+    DDP / FSDP2 average it over the ranks (equal S each): the mean over the global batch.
+
+    seqs: rollouts (see rollout); their mask is what the model sees. loss_mask (S, L), default that mask: the tokens
+    that count in the loss (hint tokens left out by --hint_ratio ignore are still seen).
+    logp_old (S, L): the ratio's denominator. None: the model itself sampled the rollouts just before this one step,
+    so pi_old is the model as it is, and its log-probs are this forward pass's, detached: no scoring pass (grpo).
+    own (S, L): the same token by token (the large model's own hint tokens, --large_hint_ratio behaviour).
+    keep_logp: the metrics also hold 'logp', the model's log-probs before the step (S, L), no grad."""
+    scorer.train()
+    mask = seqs["mask"]
+    S, mb, eps = len(mask), a.micro_batch_size, a.clip_eps
+    max_len = a.max_completion_length if loss_norm(a) == "constant" else None  # Eq. (5), (10) / Eq. (2)
+    loss_mask = mask if loss_mask is None else loss_mask
+    stats = dict(loss=0.0, ratio_sum=0.0, ratio_max=0.0, low=0.0, high=0.0, region=0.0, entropy=0.0, tokens=0.0,
+                 seen=0.0)  # tokens: in the loss; seen: in the attention mask (entropy is over these)
+    kept = []
+    for i in range(0, S, mb):
+        j = slice(i, i + mb)
+        last = i + mb >= S  # DDP: gradients are averaged once, after the last micro-batch
+        with scorer.no_sync() if hasattr(scorer, "no_sync") and not last else nullcontext():
+            logp, entropy = scorer(seqs["prompt_ids"][j], seqs["prompt_mask"][j], seqs["comp"][j], mask[j],
+                                   a.temperature, a.logprob_chunk)  # (mb, L) each
+            old = logp.detach() if logp_old is None else logp_old[j]  # (mb, L)
+            if own is not None:
+                old = torch.where(own[j].bool(), logp.detach(), old)  # (mb, L)
+            kept += [logp.detach()] if keep_logp else []
+            loss = policy_loss(logp, old, advantages[j], loss_mask[j], max_len, eps) * (len(logp) / S)
+            loss.backward()
+        with torch.no_grad():
+            lm, n = loss_mask[j], loss_mask[j].sum().item()
+            ratio = torch.exp((logp - old).clamp(-20.0, 20.0))  # (mb, L)
+            stats["loss"] += loss.item()
+            stats["ratio_sum"] += (ratio * lm).sum().item()
+            stats["ratio_max"] = max(stats["ratio_max"], ratio[lm.bool()].max().item() if n else 0.0)
+            for k, f in zip(["low", "high", "region"], clip_fractions(ratio, advantages[j], lm, eps)):
+                stats[k] += f * n
+            stats["entropy"] += (entropy * mask[j]).sum().item()
+            stats["tokens"] += n
+            stats["seen"] += mask[j].sum().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), a.max_grad_norm)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2: DTensor
+    lr = sched.get_last_lr()[0]
+    skipped = not math.isfinite(grad_norm)  # a NaN/inf loss or gradient: skip the step, keep the weights
+    if skipped:
+        tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); this model's step is skipped")
+    else:
+        opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    n = max(stats["tokens"], 1.0)
+    return {"loss": stats["loss"], "ratio_mean": stats["ratio_sum"] / n, "ratio_max": stats["ratio_max"],
+            "clip_ratio/low_mean": stats["low"] / n, "clip_ratio/high_mean": stats["high"] / n,
+            "clip_ratio/region_mean": stats["region"] / n, "entropy": stats["entropy"] / max(stats["seen"], 1.0),
+            "grad_norm": grad_norm, "lr": lr, "skipped_step": float(skipped),
+            **(dict(logp=torch.cat(kept)) if keep_logp else {})}
+
+
+def make_optimizer(model, lr, a, total_steps):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=a.weight_decay)
+    warmup = int(a.warmup_ratio * total_steps)
+
+    def lr_lambda(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if a.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop (Sec. 3, Fig. 2)
+
+PHASES = ["generate", "reward", "score", "update_small", "update_large"]  # time/<phase> in metrics.jsonl
+
+
+@contextmanager
+def timer(m, phase):
+    """Adds the seconds spent inside the block to m['time/<phase>']."""
+    t = time.perf_counter()
+    yield
+    m[f"time/{phase}"] = m.get(f"time/{phase}", 0.0) + time.perf_counter() - t
+
+
+def train(a):
+    """The paper's loop, one iteration per batch of prompts, numbered as in the module docstring. Its set-up
+    (checks, data, models, optimizers, resume, output files) is machinery: setup(), below the banner."""
+    run = setup(a)
+    B, M, G, N = a.batch_size, a.num_samples, a.group_size, a.max_completion_length
+    # Who does what, decided once; the baselines differ from CoDistill only here. codistill: the small model samples,
+    # both models score and step. kdrl: the same, the large model frozen. grpo: one model (--policy) samples and
+    # steps on r alone, against itself (pi_old is itself: no scoring pass). With M == G every rollout is kept, so
+    # the large step (7) needs no r~ and runs first: its forward pass gives log pi_theta_old, one pass fewer.
+    sampler, with_kd = a.policy if a.algo == "grpo" else "small", a.algo != "grpo"
+    large_first = a.algo == "codistill" and M == G
+    scored = (["small"] if large_first else ["small", "large"]) if with_kd else []
+    own_hints = a.large_hint_ratio == "behaviour"  # the large model's ratio on the hints it wrote: against itself
+    for it in iterations(run):  # (first, row 0: the starting models' held-out accuracy)
+        epoch, batch, prompts = next_batch(run, it)  # this rank's B problems and their prompts, (B, P) ids and mask
+        m, stats = {"iteration": it, "epoch": epoch, "t0": time.perf_counter()}, {}  # t0: for time/step
+        hints = a.hint_tokens > 0 and epoch == 0
+        # 1. Rollouts (Sec. 3.1): M per prompt from the small model; in epoch 1 the large model writes the first T
+        #    tokens of each -> B*M rollouts: prompt_ids, prompt_mask, comp, mask, hint, (B*M, .) each
+        with timer(m, "generate"), generating(run, [sampler] + ["large"] * hints):
+            seqs = rollout(run.models[sampler], run.models.get("large"), *prompts, a, run.eos_ids, run.pad_id, hints,
+                           run.fsdp)
+        # 2. Rewards r (App. B): accuracy, + format for r1. Grading runs in a worker process while step 3 scores.
+        with timer(m, "reward"):
+            texts = decode(run.tokenizer, seqs["comp"], seqs["mask"])
+            grading = grade_batch(texts, [r["answer"] for r in batch for _ in range(M)], a.template, a.grade_timeout)
+        # 3. Old log-probs, no grad: log pi_phi_old and log pi_theta_old of every completion token, (B*M, L) each
+        logp_old = {}
+        with timer(m, "score"):
+            for n in scored:
+                logp_old[n], m[f"{n}/entropy"] = score(run.scorers[n], seqs, a)  # entropy: nats per token
+        with timer(m, "reward"):
+            acc, fmt = (torch.tensor(x, device=run.device) for x in (grading(), format_rewards(texts, a.template)))
+            r = acc + fmt  # (B*M,)
+        if large_first:  # step 7 now: on all M = G rollouts with A of Eq. (3); its log-probs before the step are kept
+            stats["large"] = step(run, "large", m, seqs, logp_old["small"], group_advantages(r.view(B, M), True).view(
+                -1), own=seqs["hint"] if own_hints else None, keep_logp=True)
+            logp_old["large"] = stats["large"].pop("logp")  # (B*M, L)
+        # 4. KD reward r~ (Eq. 6); downsampling by r~ (Sec. 3.3): per prompt the G/2 highest and G/2 lowest of M
+        kd = kd_reward(logp_old["large"], logp_old["small"], seqs["mask"], N) if with_kd else None  # (B*M,)
+        r_kd = r + a.alpha * kd if with_kd else r  # (B*M,)  grpo downsamples by r
+        kept = (downsample(r_kd.view(B, M), G) + M * torch.arange(B, device=r.device)[:, None]).view(-1)  # (B*G,)
+        k = take(seqs, kept)  # the kept rollouts, (B*G, .) each
+        # 5. Advantages over the kept G: A~ = r~ - mean(r~) (Eq. 7); A = (r - mean r) / (std r + 1e-4) (Eq. 3)
+        A_kd = group_advantages(r_kd[kept].view(B, G), scale_by_std=False).view(-1)  # (B*G,)
+        A = group_advantages(r[kept].view(B, G), scale_by_std=True).view(-1)  # (B*G,)
+        # 6. Small step, Eq. (5): ratio pi_phi / pi_phi_old with A~, hint tokens as --hint_ratio says (Eq. 8)
+        if "small" in run.trained:
+            old, loss_mask = (small_step_terms(logp_old["small"][kept], logp_old["large"][kept], k["mask"], k["hint"],
+                                               a.hint_ratio) if with_kd else (None, None))  # grpo: against itself
+            stats["small"] = step(run, "small", m, k, old, A_kd if with_kd else A, loss_mask=loss_mask)
+        # 7. Large step, Eq. (10): ratio pi_theta / pi_phi_old with A (grpo on the large model: against itself)
+        if "large" in run.trained and not large_first:
+            stats["large"] = step(run, "large", m, k, logp_old["small"][kept] if with_kd else None, A,
+                                  own=k["hint"] if own_hints else None)
+        # 8. Log: metrics of the rollouts and the steps; held-out accuracy, rollouts.jsonl, a checkpoint when due
+        m.update(rollout_metrics(seqs, acc, r, fmt, kept, logp_old, kd, run.prefix[sampler], a, run.eos_ids, hints))
+        finish_iteration(run, it, m, stats, lambda: rollout_table(batch, texts, r, kd, r_kd, kept, A_kd, A, a))
+    return run.models
+
+
+def step(run, name, m, seqs, logp_old, advantages, **kw):
+    """update() of one model, on its own optimizer, timed into m['time/update_<name>'] -> its metrics."""
+    with timer(m, f"update_{name}"):
+        return update(run.scorers[name], *run.optims[name], seqs, logp_old, advantages, run.a, **kw)
+
+
+def rollout_metrics(seqs, acc, r, fmt, kept, logp_old, kd, p, a, eos_ids, hints):
+    """Metrics of one iteration's rollouts, under the name p of the model that wrote them (small or policy)."""
+    B, M = len(acc) // a.num_samples, a.num_samples
+    mask, comp = seqs["mask"], seqs["comp"]
+    lengths = mask.sum(1).float()  # (B*M,)
+    ended = torch.isin(comp, torch.tensor(eos_ids, device=comp.device)).any(1)  # (B*M,)
+    m = {f"{p}/accuracy": acc.mean().item(),
+         f"{p}/zero_accuracy_frac": (acc.view(B, M).sum(1) == 0).float().mean().item(),  # Figures 1 and 4
+         f"{p}/reward": r.mean().item(),
+         f"{p}/completion_length": lengths.mean().item(),
+         f"{p}/truncated_frac": 1.0 - ended.float().mean().item(),  # stopped at N tokens without EOS
+         f"{p}/empty_frac": (ended & (lengths <= 1)).float().mean().item(),  # EOS first: an empty answer
+         f"{p}/equal_reward_groups_frac": (r[kept].view(B, -1).std(1) == 0).float().mean().item()}  # A = 0
+    if a.template == "r1":
+        m[f"{p}/format_reward"] = fmt.mean().item()
+    if kd is not None:  # the KD term of Eq. (6) over all M, and log pi_theta - log pi_phi per kept token
+        m["small/kd_reward"] = kd.mean().item()
+        diff = (logp_old["large"] - logp_old["small"])[kept]  # (B*G, L)
+        m["small/kd_log_ratio"] = (diff * mask[kept]).sum().item() / max(mask[kept].sum().item(), 1)
+        m["large/accuracy"] = acc[kept].mean().item()  # the rollouts the large model learns from
+    if hints:
+        m["small/hint_length"] = seqs["hint"].sum(1).float().mean().item()
+    return m
+
+
+def rollout_table(batch, texts, r, kd, r_kd, kept, A_kd, A, a, prompts=2):
+    """One iteration in numbers: for the first prompts of the batch, each of its M completions with r, the KD term,
+    r~, whether it was kept, A~ and A (None where they do not apply) -> rows for rollouts.jsonl."""
+    M, where = a.num_samples, {i: j for j, i in enumerate(kept.tolist())}  # rollout -> its row among the kept
+    rows = []
+    for b, problem in enumerate(batch[:prompts]):
+        completions = []
+        for i in range(b * M, (b + 1) * M):
+            j = where.get(i)
+            completions.append(dict(text=texts[i], r=r[i].item(), kd=None if kd is None else kd[i].item(),
+                                    r_kd=r_kd[i].item(), kept=j is not None,
+                                    A_kd=None if j is None or kd is None else A_kd[j].item(),
+                                    A=None if j is None else A[j].item()))
+        rows.append(dict(problem=problem["problem"], answer=problem["answer"], alpha=a.alpha, completions=completions))
+    return rows
+
+
+# ==================================== below: machinery the paper does not describe ====================================
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+class BadInput(Exception):
+    """Bad user input: main() prints the one-line message and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grading: a worker process, killed past its time limit
 
 
 def grade_batch(completions, golds, template, timeout=GRADE_TIMEOUT_S):
@@ -326,8 +746,10 @@ def last_boxed(text):
     return None
 
 
-# Hub datasets we know how to read: id -> (config, {use: splits}, problem column, answer of a row). Any other id
-# is read with its default config, split 'train' or 'test', and columns 'problem' and 'answer'.
+# ----------------------------------------------------------------------------------------------------------------
+# Data: local JSON/JSONL files and hub datasets; the order of the batches
+
+
 HUB_DATASETS = {
     "DigitalLearningGmbH/MATH-lighteval": ("default", {"train": ["train", "test"], "test": ["test"]}, "problem",
                                            lambda row: last_boxed(row["solution"])),
@@ -341,6 +763,8 @@ HUB_DATASETS = {
                               lambda row: row["final_answer"][0] if isinstance(row["final_answer"], list)
                               else row["final_answer"]),
 }
+
+
 MATH500_ID = "HuggingFaceH4/MATH-500"
 
 
@@ -391,9 +815,49 @@ def training_problems(name):
     return rows
 
 
+def batch_indices(n_rows, batch_size, seed, iteration, rank=0, world=1):
+    """This rank's rows of an iteration (1-based): each epoch is a permutation seeded by (seed, epoch), cut into
+    global batches of world x batch_size rows, and rank r takes the r-th share. A pure function of the iteration,
+    so that a resumed run sees the same batches. -> (epoch, list of row indices)"""
+    global_batch = batch_size * world
+    epoch, step = divmod(iteration - 1, n_rows // global_batch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    start = step * global_batch + rank * batch_size
+    return epoch, order[start:start + batch_size].tolist()
+
+
+def read_jsonl(path, missing_ok=False):
+    """Rows of a JSONL file (dicts), BadInput naming the file and the line (1-based, blank lines counted) for a line
+    that is not a JSON object. A half-written last line (a crash while writing it) is dropped."""
+    if missing_ok and not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):  # no newline after it: the last line was still being written
+                break
+            raise BadInput(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise BadInput(f"{path}: line {i} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The tiny offline world: a tokenizer, two Qwen2 models and 2-digit additions, built locally and saved, so that
+# The tiny offline world: a tokenizer, two Qwen2 models and additions, built locally and saved, so that
 # `--preset tiny` goes through the same from_pretrained path as real models.
+
 
 TINY_CONFIGS = {  # small ~0.5M params, large ~4M params
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -401,7 +865,11 @@ TINY_CONFIGS = {  # small ~0.5M params, large ~4M params
     "large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4),
 }
+
+
 TINY_WARMUP_LR = {"small": 3e-3, "large": 1e-3}
+
+
 TINY_EOS = "<|endoftext|>"  # EOS and pad are the same token, as in Qwen2.5 base models
 
 
@@ -579,153 +1047,50 @@ def end_of_turn_id(tokenizer):
     return after[0]
 
 
-def prompt_texts(tokenizer, problems, template, chat=False):
-    """The template of Table 4 or 5 around each problem; with chat, that text is the user turn of the tokenizer's
-    chat template, and the assistant turn is opened (the text then carries its own special tokens)."""
-    texts = [TEMPLATES[template].format(prompt=p) for p in problems]
-    if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                               add_generation_prompt=True) for t in texts]
-    return texts
-
-
-def encode_prompts(tokenizer, problems, template, max_prompt_length, device, chat=False):
-    """Left-padded prompt ids and mask, (B, P); long prompts keep their last max_prompt_length tokens."""
-    texts = prompt_texts(tokenizer, problems, template, chat)
-    ids = [x[-max_prompt_length:] for x in tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
-    P = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), P), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), P), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, P - len(x):] = torch.tensor(x)
-        mask[i, P - len(x):] = 1
-    return input_ids.to(device), mask.to(device)  # (B, P), (B, P)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Rollouts
+# Held-out accuracy (Figure 3)
 
 
-def completion_mask(completion_ids, eos_ids):
-    """1 on every token up to and including the first EOS, 0 after it; all 1 when there is no EOS (truncated).
-
-    Built from positions: the tokens after the first EOS are masked whatever they are, so pad == EOS is fine.
-    """
-    S, L = completion_ids.shape
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # (S, L)
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], L, dtype=torch.long))
-    positions = torch.arange(L, device=completion_ids.device)
-    return (positions[None, :] <= first_eos[:, None]).long()  # (S, L)
-
-
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, batch_size, synced=False):
-    """Completions sampled with HF generate (KV cache, ancestral sampling: top_k=0, top_p=1) -> (S, L <= N).
-    synced (FSDP2): ranks keep stepping together until all are done, as their layers gather in step."""
+@torch.inference_mode()
+def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_length, eos_ids, batch_size,
+             temperature=0.0, synced=False, chat=False):
+    """Completion texts (up to the first EOS) for a list of problems: greedy when temperature == 0, else sampled
+    at that temperature with top_k=0, top_p=1. Shared by the trainer's held-out accuracy and eval.py."""
     from transformers import GenerationConfig
     was_training = model.training
     model.eval()
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
-    P, outs = prompt_ids.shape[1], []
-    with torch.inference_mode():
-        for i in range(0, len(prompt_ids), batch_size):
-            out = model.generate(input_ids=prompt_ids[i:i + batch_size], attention_mask=prompt_mask[i:i + batch_size],
-                                 generation_config=config, synced_gpus=synced)
-            outs.append(out[:, P:])
+    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
+                else dict(do_sample=False))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                              **sampling)
+    device = next(model.parameters()).device
+    texts = []
+    for i in tqdm(range(0, len(problems), batch_size), desc="generating", leave=False,
+                  disable=len(problems) <= batch_size):
+        ids, mask = encode_prompts(tokenizer, problems[i:i + batch_size], template, max_prompt_length, device, chat)
+        comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                              synced_gpus=synced)[:, ids.shape[1]:]
+        texts += decode(tokenizer, comp, completion_mask(comp, eos_ids))
     model.train(was_training)
-    return pad_right(outs, pad_id)  # made outside inference mode: a normal tensor, which autograd may save
+    return texts
 
 
-def decode(tokenizer, completion_ids, mask):
-    """Texts of the completions, each up to its mask's length (so up to and including its first EOS)."""
-    return [tokenizer.decode(c[:n], skip_special_tokens=True) for c, n in zip(completion_ids, mask.sum(1).tolist())]
-
-
-def pad_right(seqs, pad_id):
-    """List of (s_i, L_i) or 1-D tensors -> one (sum s_i, max L_i) tensor padded on the right."""
-    seqs = [s if s.dim() == 2 else s[None] for s in seqs]
-    L = max(s.shape[1] for s in seqs)
-    return torch.cat([F.pad(s, (0, L - s.shape[1]), value=pad_id) for s in seqs])
-
-
-def rollout(small, large, prompt_ids, prompt_mask, a, eos_ids, pad_id, hints, synced=False):
-    """M completions per prompt from the small model; with hints, the large model writes their first T tokens.
-
-    -> completion ids (B*M, L), completion mask (B*M, L), hint mask (B*M, L): 1 on the large model's tokens.
-    """
-    M, N, T = a.num_samples, a.max_completion_length, a.hint_tokens
-    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
-    if not hints:
-        comp = sample(small, prompt_ids, prompt_mask, N, a.temperature, eos_ids, pad_id, a.gen_batch_size, synced)
-        return comp, completion_mask(comp, eos_ids), torch.zeros_like(comp)
-    hint = sample(large, prompt_ids, prompt_mask, T, a.temperature, eos_ids, pad_id, a.gen_batch_size,
-                  synced)  # (B*M, <=T)
-    hint_len = completion_mask(hint, eos_ids).sum(1).tolist()  # a hint that ends in EOS is a whole completion
-    # the small model continues prompt + hint: re-pad on the left, since hints differ in length
-    rows = [torch.cat([p[m.bool()], h[:n]]) for p, m, h, n in zip(prompt_ids, prompt_mask, hint, hint_len)]
-    P = max(len(r) for r in rows)
-    ctx = torch.stack([F.pad(r, (P - len(r), 0), value=pad_id) for r in rows])  # (B*M, P')
-    ctx_mask = torch.stack([F.pad(torch.ones_like(r), (P - len(r), 0)) for r in rows])
-    cont = sample(small, ctx, ctx_mask, N - T, a.temperature, eos_ids, pad_id, a.gen_batch_size,
-                  synced)  # (B*M, <=N-T)
-    comp = pad_right([torch.cat([h[:n], c]) for h, n, c in zip(hint, hint_len, cont)], pad_id)  # (B*M, L <= N)
-    hint_mask = (torch.arange(comp.shape[1], device=comp.device)[None] < torch.tensor(hint_len, device=comp.device)[:, None])
-    return comp, completion_mask(comp, eos_ids), hint_mask.long()
+def heldout_accuracy(model, tokenizer, rows, a, eos_ids, synced=False):
+    """Greedy accuracy on held-out problems (the paper's Figure 3). Under torchrun each rank scores every
+    world()-th problem; the shares are padded to one length (padding not counted) so that ranks stay in step."""
+    R, W = rank(), world()
+    idx = list(range(R, -(-len(rows) // W) * W, W))  # this rank's problems; indices past the end are padding
+    texts = complete(model, tokenizer, [rows[i % len(rows)]["problem"] for i in idx], a.template,
+                     a.max_completion_length, a.max_prompt_length, eos_ids, a.gen_batch_size, synced=synced,
+                     chat=a.chat_template)
+    scores = grade_batch(texts, [rows[i % len(rows)]["answer"] for i in idx], a.template, a.grade_timeout)()
+    correct = sum(s for s, i in zip(scores, idx) if i < len(rows))
+    return all_reduce([correct])[0] / len(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Token log-probs: fp32 log-softmax at the sampling temperature, in chunks of tokens so that a (S, L, vocab) fp32
-# tensor never exists; with grad, each chunk's logits are recomputed in the backward pass instead of stored.
-
-
-def _chunk_logprobs(lm_head, hidden, targets, temperature):
-    logp = (lm_head(hidden).float() / temperature).log_softmax(-1)  # (C, V)
-    with torch.no_grad():  # entropy of the sampling distribution, a metric: sum_v p log p without a (C, V) product
-        entropy = -torch.linalg.vecdot(logp.exp(), logp)  # (C,)
-    return logp.gather(-1, targets[:, None]).squeeze(-1), entropy  # (C,), (C,)
-
-
-def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk,
-                   entropy=False):
-    """log pi(o_t | q, o_<t) of every completion token -> (S, L), fp32. Grad flows when grad mode is on.
-    entropy: also return the entropy of pi(. | q, o_<t) at every position (S, L), no grad -> (logp, entropy)."""
-    P = prompt_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (S, P+L)
-    attn = torch.cat([prompt_mask, completion_mask], 1)  # (S, P+L)
-    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # as generate() does for left padding
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state  # (S, P+L, H)
-    hidden = hidden[:, P - 1:-1]  # (S, L, H): the states that predict the completion tokens
-    S, L, H = hidden.shape
-    h, targets = hidden.reshape(S * L, H), completion_ids.reshape(S * L)  # (S*L, H), (S*L,)
-    lm_head, out = model.get_output_embeddings(), []
-    for i in range(0, S * L, chunk):
-        args = (lm_head, h[i:i + chunk], targets[i:i + chunk], temperature)
-        if torch.is_grad_enabled():
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(*args))
-    logp = torch.cat([o[0] for o in out]).view(S, L)  # (S, L)
-    return (logp, torch.cat([o[1] for o in out]).view(S, L)) if entropy else logp
-
-
-@torch.no_grad()
-def score(scorer, prompt_ids, prompt_mask, comp, mask, a):
-    """Old-policy log-probs of all sequences, in micro-batches, no grad: scorer is a model's TokenLogprobs
-    (maybe wrapped, see parallelize) -> log-probs (S, L), and the mean entropy per completion token (a float)."""
-    was_training = scorer.training
-    scorer.eval()
-    mb = a.micro_batch_size
-    out = [scorer(prompt_ids[i:i + mb], prompt_mask[i:i + mb], comp[i:i + mb], mask[i:i + mb], a.temperature,
-                  a.logprob_chunk) for i in range(0, len(comp), mb)]
-    scorer.train(was_training)
-    entropy = torch.cat([o[1] for o in out])  # (S, L)
-    return torch.cat([o[0] for o in out]), ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed (torchrun): one process per device, B prompts each. Without torchrun's variables, one process and
-# every helper below is a no-op.
+# Distributed (torchrun): one process per device, B prompts each. Without torchrun's variables, one process
+# and every helper below is a no-op.
 
 
 def setup_distributed():
@@ -750,21 +1115,6 @@ def world():
 def print0(*args, **kw):
     if rank() == 0:
         print(*args, **kw)
-
-
-class TokenLogprobs(torch.nn.Module):
-    """token_logprobs() as the forward of a module: the module DDP and FSDP2 wrap, so that their hooks see each
-    forward and backward (token_logprobs calls the decoder and the head separately, to chunk the head)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk):
-        """-> log-probs (S, L) and entropies (S, L, no grad)."""
-        logp, entropy = token_logprobs(self.lm, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                       temperature, chunk, entropy=True)
-        return logp.clone(), entropy  # .clone(): FSDP2 hooks the backward on the output, which must not be a view
 
 
 def parallelize(model, a, trained, compute_dtype):
@@ -795,12 +1145,12 @@ def parallelize(model, a, trained, compute_dtype):
 
 
 @contextmanager
-def generating(scorers):
+def generating(run, names):
     """FSDP2 around generate(), which runs the inner model and not the root's forward: the root unit's parameters
     (embeddings, norm, head) are gathered here, and each layer keeps its parameters gathered from its first
     decoding step to the end, rather than gathering them again at every token. Elsewhere a no-op."""
     from torch.distributed.fsdp import FSDPModule
-    roots = [s for s in scorers if isinstance(s, FSDPModule)]
+    roots = [run.scorers[n] for n in names if isinstance(run.scorers[n], FSDPModule)]
     layers = [m for r in roots for m in r.modules() if isinstance(m, FSDPModule) and m is not r]
     for m in layers:
         if hasattr(m, "set_reshard_after_forward"):  # older torch: gathered again at each token (slower, same result)
@@ -852,188 +1202,13 @@ def reduce_metrics(m):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The paper's equations, as pure functions
-
-
-def kd_reward(logp_large, logp_small, mask, max_len):  # Eq. (6), the KD term without alpha
-    """(1/N) sum_t mask_t (log pi_theta - log pi_phi): (S, L) each -> (S,)."""
-    return ((logp_large - logp_small) * mask).sum(-1) / max_len  # (S,)
-
-
-def downsample(rewards, G):  # Sec. 3.3
-    """Per prompt, the indices of the G/2 highest and G/2 lowest rewards: (B, M) -> (B, G). M == G keeps all."""
-    B, M = rewards.shape
-    if G == M:
-        return torch.arange(M, device=rewards.device).expand(B, M)
-    order = torch.argsort(rewards, dim=1, descending=True, stable=True)  # (B, M)
-    return torch.cat([order[:, :G // 2], order[:, M - G // 2:]], dim=1)  # (B, G)
-
-
-def group_advantages(rewards, scale_by_std):  # Eq. (3) with scale_by_std, Eq. (7) without
-    """Rewards minus their group mean, optionally divided by the group's (unbiased) std + 1e-4: (B, G) -> (B, G)."""
-    centered = rewards - rewards.mean(dim=1, keepdim=True)  # (B, G)
-    if scale_by_std:
-        return centered / (rewards.std(dim=1, keepdim=True) + 1e-4)
-    return centered
-
-
-def policy_loss(logp, logp_old, advantages, mask, max_len, clip_eps):  # Eq. (5), (10); Eq. (2) with max_len None
-    """-(1/S) sum_i (1/N) sum_t mask * min(rho A_i, clip(rho, 1-eps, 1+eps) A_i), rho = exp(logp - logp_old).
-
-    With max_len = N this is Eq. (5) and (10): every sequence's token sum divided by the same constant N, which is
-    Dr. GRPO (Liu et al., 2025; TRL's loss_type="dr_grpo"). With max_len None each sequence's sum is divided by its
-    own length |o_i| (its mask's sum): the paper's Eq. (2), TRL's loss_type="grpo".
-    logp, logp_old, mask: (S, L); advantages: (S,). The log-ratio is clamped to [-20, 20] before exp so that a far
-    off-policy token (Eq. 10 compares two different models) cannot overflow.
-    """
-    ratio = torch.exp((logp - logp_old).clamp(-20.0, 20.0))  # (S, L)
-    A = advantages[:, None]  # (S, 1)
-    objective = torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)  # (S, L)
-    length = mask.sum(-1).clamp(min=1) if max_len is None else max_len  # (S,) or the constant N
-    per_sequence = (objective * mask).sum(-1) / length  # (S,)  sum over tokens, divided by N (or |o_i|)
-    return -per_sequence.mean()  # mean over the S sequences
-
-
-def clip_fractions(ratio, advantages, mask, clip_eps):
-    """Fractions of the masked tokens whose gradient the clip removes, as TRL reports them: low, rho < 1-eps with
-    A < 0; high, rho > 1+eps with A > 0; region, either. ratio, mask: (S, L); advantages: (S,) -> 3 floats."""
-    A = advantages[:, None]  # (S, 1)
-    low = (ratio < 1 - clip_eps) & (A < 0)  # (S, L)
-    high = (ratio > 1 + clip_eps) & (A > 0)  # (S, L)
-    n = mask.sum().clamp(min=1)
-    return [((x * mask).sum() / n).item() for x in (low, high, low | high)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One optimizer step on one model
-
-
-def make_optimizer(model, lr, a, total_steps):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=a.weight_decay)
-    warmup = int(a.warmup_ratio * total_steps)
-
-    def lr_lambda(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if a.lr_schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-
-
-def update(scorer, opt, sched, prompt_ids, prompt_mask, comp, mask, logp_old, advantages, a, keep_logp=False,
-           loss_mask=None, own=None):
-    """One clipped policy-gradient step over this rank's S sequences in micro-batches -> metrics. The loss of each
-    micro-batch is weighted by its share of S, so the accumulated gradient is that of the mean over S sequences;
-    DDP / FSDP2 average it over the ranks (equal S each): the mean over the global batch.
-
-    mask (S, L): the completion tokens the model sees (attention); loss_mask (S, L, default mask): the tokens that
-    count in the loss (hint tokens left out by --hint_ratio ignore are still seen).
-    logp_old (S, L), the denominator of the ratio. None: the model itself sampled the sequences just before this one
-    step, so pi_old is the model as it is, and its log-probs are this forward pass's, detached: no separate scoring
-    pass (grpo). own (S, L): the same, token by token (the large model's own hint tokens, --large_hint_ratio).
-    keep_logp: the metrics also hold 'logp', the model's log-probs before the step (S, L), no grad."""
-    scorer.train()
-    S, mb, eps = len(comp), a.micro_batch_size, a.clip_eps
-    max_len = a.max_completion_length if loss_norm(a) == "constant" else None  # Eq. (5), (10) / Eq. (2)
-    loss_mask = mask if loss_mask is None else loss_mask
-    stats = dict(loss=0.0, ratio_sum=0.0, ratio_max=0.0, low=0.0, high=0.0, region=0.0, entropy=0.0, tokens=0.0,
-                 seen=0.0)  # tokens: in the loss; seen: in the attention mask (entropy is over these)
-    kept = []
-    for i in range(0, S, mb):
-        j = slice(i, i + mb)
-        last = i + mb >= S  # DDP: gradients are averaged once, after the last micro-batch
-        with scorer.no_sync() if hasattr(scorer, "no_sync") and not last else nullcontext():
-            logp, entropy = scorer(prompt_ids[j], prompt_mask[j], comp[j], mask[j], a.temperature,
-                                   a.logprob_chunk)  # (mb, L) each
-            old = logp.detach() if logp_old is None else logp_old[j]  # (mb, L)
-            if own is not None:
-                old = torch.where(own[j].bool(), logp.detach(), old)  # (mb, L)
-            kept += [logp.detach()] if keep_logp else []
-            loss = policy_loss(logp, old, advantages[j], loss_mask[j], max_len, eps) * (len(logp) / S)
-            loss.backward()
-        with torch.no_grad():
-            lm = loss_mask[j]
-            ratio = torch.exp((logp - old).clamp(-20.0, 20.0))  # (mb, L)
-            n = lm.sum().item()
-            fractions = clip_fractions(ratio, advantages[j], lm, eps)
-            stats["loss"] += loss.item()
-            stats["ratio_sum"] += (ratio * lm).sum().item()
-            stats["ratio_max"] = max(stats["ratio_max"], ratio[lm.bool()].max().item() if n else 0.0)
-            for k, f in zip(["low", "high", "region"], fractions):
-                stats[k] += f * n
-            stats["entropy"] += (entropy * mask[j]).sum().item()
-            stats["tokens"] += n
-            stats["seen"] += mask[j].sum().item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), a.max_grad_norm)
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2: DTensor
-    lr = sched.get_last_lr()[0]
-    skipped = not math.isfinite(grad_norm)  # a NaN/inf loss or gradient: skip the step, keep the weights
-    if skipped:
-        tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); this model's step is skipped")
-    else:
-        opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    n = max(stats["tokens"], 1.0)
-    return {"loss": stats["loss"], "ratio_mean": stats["ratio_sum"] / n, "ratio_max": stats["ratio_max"],
-            "clip_ratio/low_mean": stats["low"] / n, "clip_ratio/high_mean": stats["high"] / n,
-            "clip_ratio/region_mean": stats["region"] / n, "entropy": stats["entropy"] / max(stats["seen"], 1.0),
-            "grad_norm": grad_norm, "lr": lr, "skipped_step": float(skipped),
-            **(dict(logp=torch.cat(kept)) if keep_logp else {})}
-
-
-def loss_norm(a):
-    """'constant' (1/N: Eq. 5, 10) or 'length' (1/|o_i|: Eq. 2) -- --loss_norm, with auto resolved by --algo."""
-    if a.loss_norm != "auto":
-        return a.loss_norm
-    return "length" if a.algo == "grpo" else "constant"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Held-out accuracy (greedy), checkpoints, logging
-
-
-@torch.inference_mode()
-def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_length, eos_ids, batch_size,
-             temperature=0.0, synced=False, chat=False):
-    """Completion texts (up to the first EOS) for a list of problems: greedy when temperature == 0, else sampled
-    at that temperature with top_k=0, top_p=1. Shared by the trainer's held-out accuracy and eval.py."""
-    from transformers import GenerationConfig
-    was_training = model.training
-    model.eval()
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                              **sampling)
-    device = next(model.parameters()).device
-    texts = []
-    for i in tqdm(range(0, len(problems), batch_size), desc="generating", leave=False,
-                  disable=len(problems) <= batch_size):
-        ids, mask = encode_prompts(tokenizer, problems[i:i + batch_size], template, max_prompt_length, device, chat)
-        comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                              synced_gpus=synced)[:, ids.shape[1]:]
-        texts += decode(tokenizer, comp, completion_mask(comp, eos_ids))
-    model.train(was_training)
-    return texts
-
-
-def heldout_accuracy(model, tokenizer, rows, a, eos_ids, synced=False):
-    """Greedy accuracy on held-out problems (the paper's Figure 3). Under torchrun each rank scores every
-    world()-th problem; the shares are padded to one length (padding not counted) so that ranks stay in step."""
-    R, W = rank(), world()
-    idx = list(range(R, -(-len(rows) // W) * W, W))  # this rank's problems; indices past the end are padding
-    texts = complete(model, tokenizer, [rows[i % len(rows)]["problem"] for i in idx], a.template,
-                     a.max_completion_length, a.max_prompt_length, eos_ids, a.gen_batch_size, synced=synced,
-                     chat=a.chat_template)
-    scores = grade_batch(texts, [rows[i % len(rows)]["answer"] for i in idx], a.template, a.grade_timeout)()
-    correct = sum(s for s, i in zip(scores, idx) if i < len(rows))
-    return all_reduce([correct])[0] / len(rows)
-
-
 def lm_of(scorer):
     """The Hugging Face model inside a (maybe DDP-wrapped) TokenLogprobs."""
     return getattr(scorer, "module", scorer).lm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, resume and the run folder
 
 
 def optimizer_state(scorer, opt):
@@ -1167,36 +1342,56 @@ def open_reporter(a):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training
+# The loop's set-up and I/O: train() calls setup(), next_batch(), generating(), finish_iteration()
 
 
-def batch_indices(n_rows, batch_size, seed, iteration, rank=0, world=1):
-    """This rank's rows of an iteration (1-based): each epoch is a permutation seeded by (seed, epoch), cut into
-    global batches of world x batch_size rows, and rank r takes the r-th share. A pure function of the iteration,
-    so that a resumed run sees the same batches. -> (epoch, list of row indices)"""
-    global_batch = batch_size * world
-    epoch, step = divmod(iteration - 1, n_rows // global_batch)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    start = step * global_batch + rank * batch_size
-    return epoch, order[start:start + batch_size].tolist()
-
-
-def train(a):
+def setup(a):
+    """Everything train() needs before its first iteration -> a namespace `run`. Every input is checked before any
+    model is loaded; then torchrun's process group, the data, the models (wrapped for DDP / FSDP2), the optimizers,
+    a checkpoint's state (--resume) and the output files."""
     import transformers
     transformers.utils.logging.disable_progress_bar()  # per-shard bars would drown ours
     check_args(a)
     device = setup_distributed()  # torchrun: one process per device; otherwise one process
-    R, W = rank(), world()
     fsdp = a.fsdp and dist.is_initialized()
     if a.fsdp and not fsdp:
         print("note: --fsdp takes effect under torchrun; one process trains unsharded")
     resolve_tiny(a)
-    # everything the user can get wrong is checked before any model is loaded
+    run = SimpleNamespace(a=a, device=device, fsdp=fsdp, **load_inputs(a))
+    prepare_output_dir(a, resuming=run.state is not None)  # every rank checks (and fails alike); rank 0 cleans up
+    if dist.is_initialized():
+        dist.barrier()
+    torch.manual_seed(a.seed)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[a.dtype]
+    # FSDP2 keeps fp32 master weights and computes in dtype (its mixed precision); otherwise weights are in dtype
+    run.models = {n: load_model(run.names[n], torch.float32 if fsdp else dtype, device, a.gradient_checkpointing)
+                  for n in run.needs}
+    run.scorers = {n: parallelize(run.models[n], a, n in run.trained, dtype) for n in run.needs}  # log-prob modules
+    run.eos_ids = eos_ids_of(run.tokenizer, *run.models.values(), chat=a.chat_template)
+    run.pad_id = run.tokenizer.pad_token_id
+    run.total_steps = a.max_steps or a.epochs * (len(run.train_rows) // (a.batch_size * world()))
+    lrs = {"small": a.lr_small, "large": a.lr_large}
+    run.optims = {n: make_optimizer(run.scorers[n], lrs[n], a, run.total_steps) for n in run.trained}
+    for n in run.trained if run.state else []:
+        load_optimizer_state(run.scorers[n], run.optims[n][0], run.state["optimizers"][run.prefix[n]])
+        run.optims[n][1].load_state_dict(run.state["schedulers"][run.prefix[n]])
+    run.start = run.state["iteration"] + 1 if run.state else 1
+    open_outputs(run)
+    print0(f"algo {a.algo}: training {', '.join(run.trained)} for iterations {run.start}..{run.total_steps} "
+           f"({len(run.train_rows)} problems, {world()} rank(s) x B={a.batch_size}, M={a.num_samples}, "
+           f"G={a.group_size}{', FSDP2' if fsdp else ''}) -> {a.output_dir}")
+    return run
+
+
+def load_inputs(a):
+    """The data, the roles of the models, the tokenizer and a checkpoint's trainer state, each checked (BadInput)
+    before any model is loaded -> a dict for the run."""
     train_rows = training_problems(a.dataset)
     eval_rows = load_problems(a.eval_dataset, "test")[:a.eval_size] if a.eval_size else []
-    if len(train_rows) < a.batch_size * W:
+    if len(train_rows) < a.batch_size * world():
         raise BadInput(f"--dataset {a.dataset}: {len(train_rows)} problems, fewer than one global batch "
-                       f"(--batch_size {a.batch_size} x {W} ranks)")
+                       f"(--batch_size {a.batch_size} x {world()} ranks)")
     needs = {"codistill": ["small", "large"], "kdrl": ["small", "large"], "grpo": [a.policy]}[a.algo]  # loaded
     trained = {"codistill": ["small", "large"], "kdrl": ["small"], "grpo": [a.policy]}[a.algo]  # updated
     prefix = {n: ("policy" if a.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
@@ -1209,204 +1404,150 @@ def train(a):
         check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
     if a.chat_template:
         end_of_turn_id(tokenizer)  # a tokenizer without a chat template fails here, before any model is loaded
-    prepare_output_dir(a, resuming=state is not None)  # every rank checks (and fails alike); rank 0 cleans up
-    if dist.is_initialized():
-        dist.barrier()
+    return dict(train_rows=train_rows, eval_rows=eval_rows, needs=needs, trained=trained, prefix=prefix, names=names,
+                state=state, tokenizer=tokenizer)
 
-    torch.manual_seed(a.seed)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[a.dtype]
-    # FSDP2 keeps fp32 master weights and computes in dtype (its mixed precision); otherwise weights are in dtype
-    models = {n: load_model(names[n], torch.float32 if fsdp else dtype, device, a.gradient_checkpointing)
-              for n in needs}
-    scorers = {n: parallelize(models[n], a, n in trained, dtype) for n in needs}  # log-prob modules, DDP / FSDP2
-    eos_ids, pad_id = eos_ids_of(tokenizer, *models.values(), chat=a.chat_template), tokenizer.pad_token_id
-    GRADER["timeouts"] = 0
 
-    B, M, G, N = a.batch_size, a.num_samples, a.group_size, a.max_completion_length
-    total_steps = a.max_steps or a.epochs * (len(train_rows) // (B * W))
-    lrs = {"small": a.lr_small, "large": a.lr_large}
-    optims = {n: make_optimizer(scorers[n], lrs[n], a, total_steps) for n in trained}
-    if state:
-        for n in trained:
-            load_optimizer_state(scorers[n], optims[n][0], state["optimizers"][prefix[n]])
-            optims[n][1].load_state_dict(state["schedulers"][prefix[n]])
-    metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
-    if R == 0:  # rank 0 writes the run's files
-        with open(os.path.join(a.output_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(a), f, indent=1)
-        if state:  # rows written after the checkpoint are written again, identically, by the resumed run
-            with open(metrics_path) as f:
-                rows = [l for l in f if l.strip().endswith("}") and json.loads(l)["iteration"] <= state["iteration"]]
-            write_atomically(metrics_path, "".join(rows))
-        metrics_file = open(metrics_path, "a")
-        report = open_reporter(a)
+def open_outputs(run):
+    """args.json, metrics.jsonl and rollouts.jsonl (rank 0 writes the run's files). A resumed run drops the rows
+    written after its checkpoint: it writes them again, identically."""
+    a, run.grade_timeouts, run.metrics_file, run.rollouts_file = run.a, GRADER["timeouts"], None, None
+    if rank() != 0:
+        return
+    write_atomically(os.path.join(a.output_dir, "args.json"), json.dumps(dataclasses.asdict(a), indent=1))
+    paths = {name: os.path.join(a.output_dir, f"{name}.jsonl") for name in ["metrics", "rollouts"]}
+    if run.state:
+        for path in paths.values():
+            rows = read_jsonl(path, missing_ok=True)
+            write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows if r["iteration"] <= run.start - 1))
+    run.metrics_file, run.rollouts_file = (open(paths[name], "a") for name in ["metrics", "rollouts"])
+    run.report = open_reporter(a)
 
-    def log(row):  # every rank calls it: the reduction is collective
-        row = reduce_metrics(row)
-        if R == 0:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            report(row, row["iteration"])
-        return row
 
-    def evaluate(names_):  # greedy held-out accuracy, shared out over the ranks
-        with generating([scorers[n] for n in names_]):
-            return {f"{prefix[n]}/test_accuracy": heldout_accuracy(models[n], tokenizer, eval_rows, a, eos_ids,
-                                                                   synced=fsdp) for n in names_} if eval_rows else {}
+def next_batch(run, it):
+    """This rank's problems of iteration it -> (epoch, rows, their prompts as (B, P) ids and mask). Sampling is seeded
+    by (seed, iteration, rank): a resumed run samples what the straight run would have."""
+    a = run.a
+    epoch, rows = batch_indices(len(run.train_rows), a.batch_size, a.seed, it, rank(), world())
+    torch.manual_seed(hash((a.seed, it, rank())) % 2**63)  # (the hash of a tuple of ints is not randomised)
+    batch = [run.train_rows[i] for i in rows]
+    prompts = encode_prompts(run.tokenizer, [r["problem"] for r in batch], a.template, a.max_prompt_length,
+                             run.device, a.chat_template)  # (B, P) each
+    return epoch, batch, prompts
 
-    start = state["iteration"] + 1 if state else 1
-    print0(f"algo {a.algo}: training {', '.join(trained)} for iterations {start}..{total_steps} ({len(train_rows)} "
-           f"problems, {W} rank(s) x B={B}, M={M}, G={G}{', FSDP2' if fsdp else ''}) -> {a.output_dir}")
-    if not state:
-        row = log(dict(iteration=0, **evaluate(needs)))
-        print0(" ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iteration"))
 
-    roller = "small" if "small" in models else a.policy  # the model that samples the rollouts
-    bar = tqdm(range(start, total_steps + 1), desc=a.algo, dynamic_ncols=True, initial=start - 1, total=total_steps,
-               disable=R != 0)
-    for it in bar:
-        t_step = time.perf_counter()
-        epoch, rows = batch_indices(len(train_rows), B, a.seed, it, R, W)  # this rank's share of the global batch
-        batch = [train_rows[i] for i in rows]
-        # sampling seeded by (seed, iteration, rank): a resumed run samples what the straight run would have
-        torch.manual_seed(hash((a.seed, it, R)) % 2**63)  # (the hash of a tuple of ints is not randomised)
-        m = dict(iteration=it, epoch=epoch)
+def iterations(run):
+    """The iterations still to run, with a progress bar (rank 0); a fresh run first logs row 0, the starting
+    models' held-out accuracy."""
+    if run.start == 1:
+        finish_iteration(run, 0, {"iteration": 0})
+    run.bar = tqdm(range(run.start, run.total_steps + 1), desc=run.a.algo, dynamic_ncols=True, initial=run.start - 1,
+                   total=run.total_steps, disable=rank() != 0)
+    yield from run.bar
 
-        # 1. rollouts: M completions per prompt from the small model (hint prefixes from the large one in epoch 1)
-        t = time.perf_counter()
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [r["problem"] for r in batch], a.template,
-                                                 a.max_prompt_length, device, a.chat_template)  # (B, P)
-        hints = a.hint_tokens > 0 and epoch == 0
-        with generating([scorers[roller]] + ([scorers["large"]] if hints else [])):
-            comp, mask, hint_mask = rollout(models[roller], models.get("large"), prompt_ids, prompt_mask, a,
-                                            eos_ids, pad_id, hints, synced=fsdp)  # (B*M, L) each
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
-        m["time/generate"] = time.perf_counter() - t
 
-        # 2. grading starts in the worker process, and goes on while the log-probs are scored
-        t = time.perf_counter()
-        texts = decode(tokenizer, comp, mask)
-        timeouts = GRADER["timeouts"]
-        grades = grade_batch(texts, [r["answer"] for r in batch for _ in range(M)], a.template, a.grade_timeout)
-        m["time/reward"] = time.perf_counter() - t
+def finish_iteration(run, it, m, stats=None, table=None):
+    """Step 8's machinery. The metrics of each step join the row under its model's name (entropy: the scoring
+    pass's, over all M rollouts, where there was one), with the step's time. Then held-out accuracy when due (at
+    iteration 0 the starting models', all of them), the row (reduced over the ranks; rank 0 writes it),
+    rollouts.jsonl at iteration 1 and with each held-out evaluation, a checkpoint when due, the progress bar. Every
+    rank calls it: the reductions are collective."""
+    a, p = run.a, run.prefix[run.trained[0]]
+    for n, s in (stats or {}).items():
+        m.update({f"{run.prefix[n]}/{k}": v for k, v in s.items() if f"{run.prefix[n]}/{k}" not in m})
+    if it > 0:  # the step's time (t0: when it began; held-out accuracy not counted), the grader's kills in it
+        m.update({f"time/{k}": m.get(f"time/{k}", 0.0) for k in PHASES}, **{"time/step": time.perf_counter() -
+                                                                             m.pop("t0")})
+        tokens = m[f"{p}/completion_length"] * a.batch_size * a.num_samples  # sampled this iteration, on this rank
+        m["tokens_per_s"] = tokens / max(m["time/generate"], 1e-9)
+        m["grade_timeouts"], run.grade_timeouts = float(GRADER["timeouts"] - run.grade_timeouts), GRADER["timeouts"]
+    evaluate = it == 0 or (a.eval_every and it % a.eval_every == 0) or it == run.total_steps
+    if evaluate and run.eval_rows:
+        names = run.needs if it == 0 else run.trained
+        with generating(run, names):
+            m.update({f"{run.prefix[n]}/test_accuracy": heldout_accuracy(run.models[n], run.tokenizer,
+                                                                          run.eval_rows, a, run.eos_ids, run.fsdp)
+                      for n in names})
+        run.grade_timeouts = GRADER["timeouts"]  # kills while grading held-out answers are not the iteration's
+    m = reduce_metrics(m)
+    if rank() == 0:
+        write_row(run.metrics_file, m)
+        if table is not None and (evaluate or it == 1):
+            for row in table():
+                write_row(run.rollouts_file, dict(iteration=it, **row))
+        run.report(m, it)
+    if it > 0 and ((a.save_every and it % a.save_every == 0) or it == run.total_steps):
+        save_checkpoint({run.prefix[n]: run.scorers[n] for n in run.trained},
+                        {run.prefix[n]: run.optims[n] for n in run.trained}, run.tokenizer, a, it)
+    if it > 0:
+        run.bar.set_postfix({k.split("/")[-1][:8]: f"{v:.3f}" for k, v in m.items() if k in (
+            f"{p}/accuracy", f"{p}/zero_accuracy_frac", f"{p}/test_accuracy", "time/step")})
+    if rank() == 0 and any(k.endswith("test_accuracy") for k in m):
+        tqdm.write(f"iteration {it}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.endswith("test_accuracy")))
 
-        # 3. scoring: old log-probs, no grad (grpo needs none: see update). With M == G the large model learns from
-        #    every rollout, so its step can come first (5) and its own forward pass gives its old log-probs.
-        fused = a.algo == "codistill" and M == G
-        t = time.perf_counter()
-        if a.algo != "grpo":
-            logp_small_old, m["small/entropy"] = score(scorers["small"], prompt_ids, prompt_mask, comp, mask,
-                                                       a)  # (B*M, L)
-        if a.algo != "grpo" and not fused:
-            logp_large_old, m["large/entropy"] = score(scorers["large"], prompt_ids, prompt_mask, comp, mask,
-                                                       a)  # (B*M, L)
-        m["time/score"] = time.perf_counter() - t
 
-        # 4. rewards r: accuracy (+ format for r1)
-        t = time.perf_counter()
-        acc = torch.tensor(grades(), device=device)  # (B*M,)  waits for the grader, if it is still at work
-        fmt = torch.tensor([format_reward(x) if a.template == "r1" else 0.0 for x in texts], device=device)
-        rewards = acc + fmt  # (B*M,)
-        m["time/reward"] += time.perf_counter() - t
-        m["grade_timeouts"] = float(GRADER["timeouts"] - timeouts)
+def write_row(f, row):
+    """One JSON line, flushed. Non-finite floats are written as null, so the file stays valid JSON (strict readers
+    reject NaN); a guard upstream should have stopped them, so each is reported."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        tqdm.write(f"warning: iteration {row.get('iteration')}: non-finite {', '.join(bad)} written as null")
+    f.write(json.dumps({k: None if k in bad else v for k, v in row.items()}, allow_nan=False) + "\n")
+    f.flush()
 
-        # 5. (M == G) the large step of 9, on all M rollouts, before the small step: the two are independent
-        for n in ["small", "large"]:
-            m[f"time/update_{n}"] = 0.0
-        # the large model's ratio on the hint tokens it sampled: against itself (behaviour) or pi_phi_old (Eq. 10)
-        large_own = hint_mask if a.large_hint_ratio == "behaviour" else None  # (B*M, L)
-        if fused:
-            t = time.perf_counter()
-            adv = group_advantages(rewards.view(B, M), scale_by_std=True).reshape(-1)  # (B*M,)  Eq. (3)
-            stats_large = update(scorers["large"], *optims["large"], prompt_ids, prompt_mask, comp, mask,
-                                 logp_small_old, adv, a, keep_logp=True, own=large_own)  # Eq. (10)
-            logp_large_old = stats_large.pop("logp")  # (B*M, L)  log pi_theta_old: its forward before the step
-            m["time/update_large"] = time.perf_counter() - t
 
-        # 6. the KD reward r~ of Eq. (6), and downsampling by r~ (Sec. 3.3; grpo: by r)
-        if a.algo == "grpo":
-            rewards_kd = rewards
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    """Args from the command line: dataclass defaults < preset < (with --resume) the run's saved args < flags given."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    for f in dataclasses.fields(Args):
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"), default=argparse.SUPPRESS)
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
-            kd = kd_reward(logp_large_old, logp_small_old, mask, N)  # (B*M,)
-            rewards_kd = rewards + a.alpha * kd  # (B*M,)  Eq. (6)
-            m["small/kd_reward"] = kd.mean().item()
-        keep = downsample(rewards_kd.view(B, M), G)  # (B, G)
-        flat = (keep + torch.arange(B, device=keep.device)[:, None] * M).reshape(-1)  # (B*G,) rows into B*M
-        k_prompt, k_pmask, k_comp, k_mask = prompt_ids[flat], prompt_mask[flat], comp[flat], mask[flat]
-        if a.algo != "grpo":  # how far apart the two models are on the kept tokens: Eq. (6)'s summand, mean per token
-            m["small/kd_log_ratio"] = ((logp_large_old - logp_small_old)[flat] * k_mask).sum().item() / max(
-                k_mask.sum().item(), 1)
+            extra = {k: f.metadata[k] for k in ["choices", "nargs", "const"] if k in f.metadata}
+            p.add_argument(f"--{f.name}", type=f.type, **extra, **kw)
+    given = vars(p.parse_args(argv))
+    base = PRESETS[given.get("preset", "")]
+    if given.get("resume"):
+        output_dir = given.get("output_dir", base.get("output_dir", Args.output_dir))
+        ckpt = find_checkpoint(output_dir if given["resume"] == "latest" else given["resume"])
+        with open(os.path.join(ckpt, "args.json")) as f:
+            base = {k: v for k, v in json.load(f).items() if k in {f.name for f in dataclasses.fields(Args)}}
+        base.update(output_dir=os.path.dirname(os.path.abspath(ckpt)), resume=ckpt)
+        given.pop("resume")
+    return Args(**{**base, **given})
 
-        # 7. advantages over the kept G
-        r_kept = rewards[flat].view(B, G)  # (B, G)
-        adv_large = group_advantages(r_kept, scale_by_std=True).reshape(-1)  # (B*G,)  Eq. (3)
-        adv_small = group_advantages(rewards_kd[flat].view(B, G), scale_by_std=False).reshape(-1)  # Eq. (7)
 
-        # 8. small step, Eq. (5)  (grpo: the one model's step, Eq. (10) with rho relative to itself)
-        if a.algo == "grpo":
-            t = time.perf_counter()
-            stats = update(scorers[a.policy], *optims[a.policy], k_prompt, k_pmask, k_comp, k_mask, None,
-                           adv_large, a)  # on-policy: pi_old is the model itself
-            m[f"time/update_{a.policy}"] = time.perf_counter() - t
-        else:
-            t = time.perf_counter()
-            hint_kept = k_mask * hint_mask[flat]  # (B*G, L)
-            small_old = logp_small_old[flat]  # (B*G, L)
-            small_loss_mask = k_mask
-            if a.hint_ratio == "large":  # Eq. (8) option (i): hint tokens weighted against the large model
-                small_old = torch.where(hint_kept.bool(), logp_large_old[flat], small_old)
-            elif a.hint_ratio == "ignore":  # option (ii): hint tokens left out of the small loss (still seen)
-                small_loss_mask = k_mask * (1 - hint_kept)
-            stats = update(scorers["small"], *optims["small"], k_prompt, k_pmask, k_comp, k_mask, small_old,
-                           adv_small, a, loss_mask=small_loss_mask)
-            stats.pop("entropy")  # the scoring pass gave it, over all M rollouts
-            m["time/update_small"] = time.perf_counter() - t
-            # 9. large step, Eq. (10): rho = pi_theta / pi_phi_old, the original-reward advantages of Eq. (3)
-            if a.algo == "codistill" and not fused:
-                t = time.perf_counter()
-                stats_large = update(scorers["large"], *optims["large"], k_prompt, k_pmask, k_comp, k_mask,
-                                     logp_small_old[flat], adv_large, a,
-                                     own=None if large_own is None else large_own[flat])
-                stats_large.pop("entropy")  # the scoring pass gave it, over all M rollouts
-                m["time/update_large"] = time.perf_counter() - t
-            if a.algo == "codistill":
-                m.update({f"large/{k}": v for k, v in stats_large.items()})
-        p = "policy" if a.algo == "grpo" else "small"  # the model whose rollouts these are
-        m.update({f"{p}/{k}": v for k, v in stats.items()})
-
-        # metrics of the iteration's rollouts
-        lengths = mask.sum(1).float()  # (B*M,)
-        m[f"{p}/accuracy"] = acc.mean().item()
-        m[f"{p}/zero_accuracy_frac"] = (acc.view(B, M).sum(1) == 0).float().mean().item()
-        m[f"{p}/reward"] = rewards.mean().item()
-        if a.template == "r1":
-            m[f"{p}/format_reward"] = fmt.mean().item()
-        m[f"{p}/completion_length"] = lengths.mean().item()
-        ended = torch.isin(comp, torch.tensor(eos_ids, device=device)).any(1)  # (B*M,)
-        m[f"{p}/truncated_frac"] = 1.0 - ended.float().mean().item()  # stopped at N tokens without EOS
-        m[f"{p}/empty_frac"] = (ended & (lengths <= 1)).float().mean().item()  # EOS first: an empty answer
-        m[f"{p}/equal_reward_groups_frac"] = (r_kept.std(1) == 0).float().mean().item()  # zero advantages
-        if a.algo != "grpo":
-            m["large/accuracy"] = acc[flat].mean().item()  # the rollouts the large model learns from
-        if hints:
-            m["small/hint_length"] = hint_mask.sum(1).float().mean().item()
-        m["time/step"] = time.perf_counter() - t_step
-        m["tokens_per_s"] = lengths.sum().item() / max(m["time/generate"], 1e-9)
-
-        if (a.eval_every and it % a.eval_every == 0) or it == total_steps:
-            m.update(evaluate(trained))
-        m = log(m)  # before the checkpoint: a crash in between re-runs this iteration on resume, no row is lost
-        if (a.save_every and it % a.save_every == 0) or it == total_steps:
-            save_checkpoint({prefix[n]: scorers[n] for n in trained}, {prefix[n]: optims[n] for n in trained},
-                            tokenizer, a, it)
-        bar.set_postfix({k.split("/")[-1][:8]: f"{v:.3f}" for k, v in m.items()
-                         if k in (f"{p}/accuracy", f"{p}/zero_accuracy_frac", f"{p}/test_accuracy", "time/step")})
-        if R == 0 and ("small/test_accuracy" in m or "policy/test_accuracy" in m):
-            tqdm.write(f"iteration {it}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.endswith("test_accuracy")))
-    if R == 0:
-        metrics_file.close()
-    return models
+def check_args(a):
+    """Reject bad settings before anything is loaded."""
+    M, G, N, T = a.num_samples, a.group_size, a.max_completion_length, a.hint_tokens
+    if G < 2 or G % 2:
+        raise BadInput(f"--group_size must be even and >= 2 (G/2 highest and G/2 lowest are kept), got {G}")
+    if G > M:
+        raise BadInput(f"--group_size G={G} must be <= --num_samples M={M}")
+    if a.alpha < 0:
+        raise BadInput(f"--alpha must be >= 0, got {a.alpha}")
+    if N < 1 or not 0 <= T < N:
+        raise BadInput(f"--hint_tokens T={T} must be >= 0 and < --max_completion_length N={N}")
+    if T > 0 and a.algo == "grpo":
+        raise BadInput("--hint_tokens needs a large model to write hints: use --algo codistill or kdrl")
+    if not 0 <= a.clip_eps < 1:
+        raise BadInput(f"--clip_eps must be in [0, 1), got {a.clip_eps}")
+    if a.temperature <= 0:
+        raise BadInput(f"--temperature must be > 0, got {a.temperature}")
+    for name in ["batch_size", "micro_batch_size", "gen_batch_size", "logprob_chunk", "epochs", "max_prompt_length"]:
+        if getattr(a, name) < 1:
+            raise BadInput(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.grade_timeout <= 0:
+        raise BadInput(f"--grade_timeout must be > 0, got {a.grade_timeout}")
+    for name in ["max_steps", "eval_size", "eval_every", "save_every", "keep_checkpoints", "tiny_warmup_small",
+                 "tiny_warmup_large"]:
+        if getattr(a, name) < 0:
+            raise BadInput(f"--{name} must be >= 0, got {getattr(a, name)}")
 
 
 def main(argv=None):
