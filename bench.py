@@ -40,7 +40,9 @@ def run_iterations(algo, a, n, m, g, out, extra=()):
             "--small_model", a.small_model, "--large_model", a.large_model, "--algo", algo,
             "--max_completion_length", str(n), "--num_samples", str(m), "--group_size", str(g),
             "--batch_size", str(a.batch_size), "--max_steps", str(a.iterations + 1), "--eval_size", "0",
-            "--save_every", "0", "--keep_checkpoints", "1", "--output_dir", out, "--overwrite", *extra]
+            "--save_every", "0", "--keep_checkpoints", "1", "--output_dir", out, "--overwrite",
+            "--micro_batch_size", str(a.micro_batch_size), "--dtype", "auto",  # bf16 on GPU, fp32 on CPU
+            *(["--gradient_checkpointing"] if a.gradient_checkpointing else []), *extra]
     cg.main(argv)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][2:]  # after iteration 1
     keys = ["time/step", "time/generate", "time/reward", "time/score", "time/update_small", "time/update_large"]
@@ -48,6 +50,8 @@ def run_iterations(algo, a, n, m, g, out, extra=()):
     med["spread"] = (max(r["time/step"] for r in rows) - min(r["time/step"] for r in rows)) / 2
     length_key = "policy/completion_length" if algo == "grpo" else "small/completion_length"
     med["length"] = statistics.mean(r[length_key] for r in rows)
+    if "memory/allocated_gb_max" in rows[0]:
+        med["memory_gb"] = max(r["memory/allocated_gb_max"] for r in rows)
     return med
 
 
@@ -135,6 +139,8 @@ def rollout_overhead(a):
 
 def report(steps, logprobs, rollouts, a):
     print("\n## Step time: CoDistill against GRPO on the large model (median seconds per iteration)\n")
+    if torch.cuda.is_available():
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16\n")
     print("| N | mean length | GRPO-large step | generate share | CoDistill (M=G=8) step | ratio | CoDistill (M=14, "
           "G=8) step | ratio | CoDistill phases: generate / score / update small / update large |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -144,15 +150,21 @@ def report(steps, logprobs, rollouts, a):
               f"{c['step']:.2f} ± {c['spread']:.2f} | {c['step'] / g['step']:.2f} | {c14['step']:.2f} | "
               f"{c14['step'] / g['step']:.2f} | {c['generate']:.2f} / {c['score']:.2f} / {c['update_small']:.2f} / "
               f"{c['update_large']:.2f} |")
-    n, c = logprobs["naive"], logprobs["chunked"]
-    print(f"\n## Token log-probs at vocabulary {QWEN_VOCAB:,}, {a.logprob_seqs} x {a.logprob_len} tokens\n")
-    print("| | peak extra memory (MB) | time (s) |\n| --- | --- | --- |")
-    for name, r in [("naive log_softmax + gather", n), ("chunked (ours)", c)]:
-        print(f"| {name} | {r['peak_bytes'] / 2**20:.0f} | {r['seconds']:.2f} |")
-    print(f"\npeak ratio {c['peak_bytes'] / max(n['peak_bytes'], 1):.3f}, time ratio {c['seconds'] / n['seconds']:.2f}, "
-          f"largest difference {logprobs['max_abs_diff']:.2e}")
-    print(f"\n## Rollouts: {rollouts['ours_tokens_per_s']:.0f} tokens/s (ours) vs {rollouts['bare_tokens_per_s']:.0f} "
-          f"(bare generate): ratio {rollouts['ratio']:.3f}")
+    if steps and "memory_gb" in next(iter(steps.values()))["grpo_large"]:
+        print("\npeak GPU memory (max_memory_allocated, GB): " + ", ".join(
+            f"N={n}: GRPO-large {r['grpo_large']['memory_gb']:.1f}, CoDistill {r['codistill']['memory_gb']:.1f}, "
+            f"M=14 {r['codistill_m14']['memory_gb']:.1f}" for n, r in steps.items()))
+    if logprobs is not None:
+        n, c = logprobs["naive"], logprobs["chunked"]
+        print(f"\n## Token log-probs at vocabulary {QWEN_VOCAB:,}, {a.logprob_seqs} x {a.logprob_len} tokens\n")
+        print("| | peak extra memory (MB) | time (s) |\n| --- | --- | --- |")
+        for name, r in [("naive log_softmax + gather", n), ("chunked (ours)", c)]:
+            print(f"| {name} | {r['peak_bytes'] / 2**20:.0f} | {r['seconds']:.2f} |")
+        print(f"\npeak ratio {c['peak_bytes'] / max(n['peak_bytes'], 1):.3f}, time ratio "
+              f"{c['seconds'] / n['seconds']:.2f}, largest difference {logprobs['max_abs_diff']:.2e}")
+    if rollouts:
+        print(f"\n## Rollouts: {rollouts['ours_tokens_per_s']:.0f} tokens/s (ours) vs "
+              f"{rollouts['bare_tokens_per_s']:.0f} (bare generate): ratio {rollouts['ratio']:.3f}")
 
 
 def main(argv=None):
@@ -165,21 +177,29 @@ def main(argv=None):
     p.add_argument("--cache_dir", default=cg.Args.cache_dir, help="where the tiny world is built")
     p.add_argument("--logprob_seqs", type=int, default=16, help="sequences in the log-prob comparison (default 16)")
     p.add_argument("--logprob_len", type=int, default=512, help="tokens per sequence there (default 512)")
+    p.add_argument("--micro_batch_size", type=int, default=32, help="sequences per forward/backward (default 32)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="for long N with real-size models")
+    p.add_argument("--parts", default="steps,logprobs,rollouts", help="what to measure (default: %(default)s; "
+                   "logprobs measures CPU memory)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--plot", help="also draw the step-time ratio against N to this PNG")
     a = p.parse_args(argv)
     a.lengths = [int(x) for x in a.lengths.split(",")]
     world = cg.build_tiny_world(a.cache_dir, 0)
     a.small_model, a.large_model = [world[m[5:]] if m.startswith("tiny:") else m for m in (a.small_model, a.large_model)]
-    steps, logprobs, rollouts = step_times(a), logprob_memory(a), rollout_overhead(a)
+    parts = a.parts.split(",")
+    steps = step_times(a) if "steps" in parts else {}
+    logprobs = logprob_memory(a) if "logprobs" in parts else None
+    rollouts = rollout_overhead(a) if "rollouts" in parts else None
     report(steps, logprobs, rollouts, a)
     figures = dict(
         step_ratio={n: r["codistill"]["step"] / r["grpo_large"]["step"] for n, r in steps.items()},
         step_ratio_m14={n: r["codistill_m14"]["step"] / r["grpo_large"]["step"] for n, r in steps.items()},
         generate_share={n: r["grpo_large"]["generate"] / r["grpo_large"]["step"] for n, r in steps.items()},
-        logprob_peak_ratio=logprobs["chunked"]["peak_bytes"] / max(logprobs["naive"]["peak_bytes"], 1),
-        logprob_time_ratio=logprobs["chunked"]["seconds"] / logprobs["naive"]["seconds"],
-        logprob_max_abs_diff=logprobs["max_abs_diff"], rollout_speed_ratio=rollouts["ratio"],
+        **(dict(logprob_peak_ratio=logprobs["chunked"]["peak_bytes"] / max(logprobs["naive"]["peak_bytes"], 1),
+                logprob_time_ratio=logprobs["chunked"]["seconds"] / logprobs["naive"]["seconds"],
+                logprob_max_abs_diff=logprobs["max_abs_diff"]) if logprobs else {}),
+        **(dict(rollout_speed_ratio=rollouts["ratio"]) if rollouts else {}),
         steps=steps, logprobs=logprobs, rollouts=rollouts,
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cuda=torch.cuda.is_available()),
         versions=dict(torch=torch.__version__, python=platform.python_version()),

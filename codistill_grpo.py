@@ -1461,6 +1461,8 @@ def finish_iteration(run, it, m, stats=None, table=None):
         tokens = m[f"{p}/completion_length"] * a.batch_size * a.num_samples  # sampled this iteration, on this rank
         m["tokens_per_s"] = tokens / max(m["time/generate"], 1e-9)
         m["grade_timeouts"], run.grade_timeouts = float(GRADER["timeouts"] - run.grade_timeouts), GRADER["timeouts"]
+        if run.device.type == "cuda":  # the peak since the run began, on this rank (the slowest rank's under torchrun)
+            m["memory/allocated_gb_max"] = torch.cuda.max_memory_allocated() / 2**30
     evaluate = it == 0 or (a.eval_every and it % a.eval_every == 0) or it == run.total_steps
     if evaluate and run.eval_rows:
         names = run.needs if it == 0 else run.trained
