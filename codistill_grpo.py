@@ -84,6 +84,8 @@ class Args:
     eval_dataset: str = arg("HuggingFaceH4/MATH-500", "held-out problems for test accuracy (never trained on)")
     eval_size: int = arg(500, "number of held-out problems scored (greedy); 0 disables evaluation")
     eval_every: int = arg(20, "score held-out accuracy every this many iterations (and at 0 and the end)")
+    eval_temperature: float = arg(0.0, "held-out decoding: 0 greedy; > 0 one sample per problem at this temperature "
+                                  "(top_k=0, top_p=1), from a fixed seed")
     template: str = arg("r1", "prompt template: r1 (Table 4, accuracy + format reward) or boxed (Table 5, accuracy)",
                         choices=["r1", "boxed"])
     chat_template: bool = arg(False, "wrap the template's text as the user turn of the tokenizer's chat template and "
@@ -96,6 +98,9 @@ class Args:
                          "different seeds start from the same base models")
     tiny_warmup_small: int = arg(0, "tiny world: supervised warm-up steps that make the small model a base model")
     tiny_warmup_large: int = arg(0, "tiny world: supervised warm-up steps of the large model (longer: a stronger base)")
+    tiny_noisy_small: int = arg(0, "tiny world: then this many warm-up steps of the small model on answers whose "
+                                "digits are each random with probability 1/2 (it keeps the right answer most likely "
+                                "but spreads its probability: a weaker base model)")
     # the paper's symbols
     batch_size: int = arg(64, "B: prompts per rank per iteration (Table 3: 64 per GPU)")
     num_samples: int = arg(14, "M: completions sampled per prompt before downsampling (Table 3: 14)")
@@ -135,6 +140,8 @@ class Args:
     fsdp: bool = arg(False, "under torchrun: shard both models with FSDP2 (each decoder layer, then the root) "
                      "instead of DDP; with bf16 (--dtype auto on GPU) fp32 master weights, bf16 compute, fp32 "
                      "gradient reduction")
+    dist_timeout: float = arg(1200.0, "torchrun: seconds to wait for the other ranks to join (and for any "
+                              "collective) before giving up with an error")
     seed: int = arg(0, "random seed (data order, sampling)")
     save_every: int = arg(100, "save a checkpoint every this many iterations (and at the end); 0 = only at the end")
     keep_checkpoints: int = arg(3, "keep only the newest this many checkpoints; 0 keeps all")
@@ -163,7 +170,8 @@ PRESETS = {
         template="boxed", eval_size=500, eval_every=25, batch_size=16, num_samples=8, group_size=4,
         max_completion_length=16, max_prompt_length=64, lr_small=1e-4, lr_large=3e-5, lr_schedule="constant",
         warmup_ratio=0.0, epochs=1, max_steps=100, micro_batch_size=32, gen_batch_size=256, save_every=0,
-        output_dir="runs/tiny", dtype="float32", tiny_warmup_small=350, tiny_warmup_large=600),
+        output_dir="runs/tiny", dtype="float32", tiny_warmup_small=400, tiny_noisy_small=300, tiny_warmup_large=500,
+        eval_temperature=1.0),
 }
 
 
@@ -259,6 +267,25 @@ def format_reward(completion):
 def format_rewards(completions, template):
     """format_reward of each completion with the r1 template; 0.0 with boxed (Table 5: accuracy reward only)."""
     return [format_reward(c) if template == "r1" else 0.0 for c in completions]
+
+
+def final_answer(completion, template):
+    """The answer a completion gives: r1, the text inside its last <answer>...</answer>; boxed, the content of its
+    last \\boxed{} (math-verify alone would take the first) -> str, or None."""
+    if template == "r1":
+        answers = ANSWER_TAG.findall(completion)
+        return answers[-1].strip() if answers else None
+    return last_boxed(completion)
+
+
+def digit_accuracy(completion, gold, template):
+    """Partial credit, for integer answers (the tiny world's): the share of the gold answer's digits that the final
+    answer has in the same place, counted from the units digit; 0.0 with no answer; None when the gold is not an
+    integer. A metric, never a reward."""
+    if not re.fullmatch(r"-?\d+", gold.strip()):
+        return None
+    digits, answer = gold.strip().lstrip("-"), (final_answer(completion, template) or "").strip().lstrip("-")
+    return sum(len(answer) >= i and answer[-i] == digits[-i] for i in range(1, len(digits) + 1)) / len(digits)
 
 
 def accuracy_reward(completion, gold, template, timeout=GRADE_TIMEOUT_S):
@@ -491,7 +518,7 @@ def update(scorer, opt, sched, seqs, logp_old, advantages, a, loss_mask=None, ow
     lr = sched.get_last_lr()[0]
     skipped = not math.isfinite(grad_norm)  # a NaN/inf loss or gradient: skip the step, keep the weights
     if skipped:
-        tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); this model's step is skipped")
+        tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); this model's step is skipped", file=sys.stderr)
     else:
         opt.step()
     sched.step()
@@ -587,7 +614,7 @@ def train(a):
             stats["large"] = step(run, "large", m, k, logp_old["small"][kept] if with_kd else None, A,
                                   own=k["hint"] if own_hints else None)
         # 8. Log: metrics of the rollouts and the steps; held-out accuracy, rollouts.jsonl, a checkpoint when due
-        m.update(rollout_metrics(seqs, acc, r, fmt, kept, logp_old, kd, run.prefix[sampler], a, run.eos_ids, hints))
+        m.update(rollout_metrics(seqs, texts, batch, acc, r, fmt, kept, logp_old, kd, a, run.eos_ids, hints))
         finish_iteration(run, it, m, stats, lambda: rollout_table(batch, texts, r, kd, r_kd, kept, A_kd, A, a))
     return run.models
 
@@ -598,9 +625,10 @@ def step(run, name, m, seqs, logp_old, advantages, **kw):
         return update(run.scorers[name], *run.optims[name], seqs, logp_old, advantages, run.a, **kw)
 
 
-def rollout_metrics(seqs, acc, r, fmt, kept, logp_old, kd, p, a, eos_ids, hints):
-    """Metrics of one iteration's rollouts, under the name p of the model that wrote them (small or policy)."""
-    B, M = len(acc) // a.num_samples, a.num_samples
+def rollout_metrics(seqs, texts, batch, acc, r, fmt, kept, logp_old, kd, a, eos_ids, hints):
+    """Metrics of one iteration's rollouts, under the name of the model that wrote them (small, or grpo's policy)."""
+    B, M, p = len(batch), a.num_samples, "policy" if a.algo == "grpo" else "small"
+    digit_accuracies = [digit_accuracy(t, batch[i // M]["answer"], a.template) for i, t in enumerate(texts)]
     mask, comp = seqs["mask"], seqs["comp"]
     lengths = mask.sum(1).float()  # (B*M,)
     ended = torch.isin(comp, torch.tensor(eos_ids, device=comp.device)).any(1)  # (B*M,)
@@ -613,6 +641,9 @@ def rollout_metrics(seqs, acc, r, fmt, kept, logp_old, kd, p, a, eos_ids, hints)
          f"{p}/equal_reward_groups_frac": (r[kept].view(B, -1).std(1) == 0).float().mean().item()}  # A = 0
     if a.template == "r1":
         m[f"{p}/format_reward"] = fmt.mean().item()
+    digits = [d for d in digit_accuracies if d is not None]
+    if digits:  # partial credit, next to the whole answer's: integer answers only
+        m[f"{p}/digit_accuracy"] = sum(digits) / len(digits)
     if kd is not None:  # the KD term of Eq. (6) over all M, and log pi_theta - log pi_phi per kept token
         m["small/kd_reward"] = kd.mean().item()
         diff = (logp_old["large"] - logp_old["small"])[kept]  # (B*G, L)
@@ -684,16 +715,11 @@ def grade_batch(completions, golds, template, timeout=GRADE_TIMEOUT_S):
 
 def grade(completion, gold, template, soft_timeout=int(GRADE_TIMEOUT_S)):
     """The grader itself; it runs in the worker, where math-verify's own SIGALRM limits are a first, soft line.
-    The final answer is extracted first: r1, the text inside the last <answer>...</answer>; boxed, the content of
-    the last \\boxed{} (math-verify alone would take the first). It is wrapped in $...$ when it has no delimiters
-    and parsed as LaTeX only: math-verify's plain-expression parser would hand model text to sympy's parse_expr,
+    The final answer is extracted first (final_answer). It is wrapped in $...$ when it has no delimiters and parsed
+    as LaTeX only: math-verify's plain-expression parser would hand model text to sympy's parse_expr,
     which calls eval."""
     from math_verify import LatexExtractionConfig, parse, verify
-    if template == "r1":
-        answers = ANSWER_TAG.findall(completion)
-        answer = answers[-1].strip() if answers else None
-    else:
-        answer = last_boxed(completion)
+    answer = final_answer(completion, template)
     if answer is None:
         return 0.0
     if "$" not in answer and "\\boxed" not in answer:
@@ -724,6 +750,7 @@ def grading_worker():
 
 def grading_loop(conn, parent_end, parent_pid):
     parent_end.close()  # a forked worker inherits the trainer's end too; holding it would hide the trainer's death
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to report; the worker ends with it
     while os.getppid() == parent_pid:  # a killed trainer (even SIGKILL) takes its grader with it
         if conn.poll(1.0):
             try:
@@ -769,15 +796,19 @@ MATH500_ID = "HuggingFaceH4/MATH-500"
 
 
 def load_problems(name, split="train"):
-    """-> list of {'problem', 'answer'} from a local JSON/JSONL file or a hub dataset (BadInput on a bad row)."""
-    if os.path.isfile(name):
-        with open(name) as f:
-            text = f.read()
+    """-> list of {'problem', 'answer'} from a local JSON/JSONL file or a hub dataset. BadInput names the file and
+    the line (JSONL) or the row (JSON list, hub; 1-based) of a row without a problem or an answer that can be graded."""
+    if os.path.isfile(name) and name.endswith(".json"):
         try:
-            rows = json.loads(text) if name.endswith(".json") else [json.loads(l) for l in text.splitlines() if l.strip()]
+            rows = json.loads(read_text(name))
         except json.JSONDecodeError as e:
-            raise BadInput(f"dataset {name}: not valid JSON ({e})") from None
-        where = name
+            raise BadInput(f"dataset {name}: line {e.lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise BadInput(f"dataset {name}: a JSON list of rows with 'problem' and 'answer' expected")
+        where, places = name, [f"row {i}" for i in range(1, len(rows) + 1)]
+    elif os.path.isfile(name):
+        numbered = read_jsonl(name, numbered=True)
+        where, places, rows = name, [f"line {i}" for i, _ in numbered], [r for _, r in numbered]
     else:
         import datasets
         config, splits, pcol, answer_of = HUB_DATASETS.get(name, (None, {}, "problem", lambda r: r["answer"]))
@@ -787,14 +818,24 @@ def load_problems(name, split="train"):
         except Exception as e:
             raise BadInput(f"dataset {name}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         rows = [{"problem": r.get(pcol), "answer": answer_or_none(answer_of, r)} for p in parts for r in p]
-        where = f"{name} ({'+'.join(splits)})"
-    if not isinstance(rows, list) or not rows:
+        where, places = f"{name} ({'+'.join(splits)})", [f"row {i}" for i in range(1, len(rows) + 1)]
+    if not rows:
         raise BadInput(f"dataset {where}: no rows")
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or not str(r.get("problem") or "").strip() or r.get("answer") in (None, ""):
-            raise BadInput(f"dataset {where}: row {i} has no 'problem' or no 'answer'")
-    rows = [{"problem": str(r["problem"]), "answer": str(r["answer"])} for r in rows]
-    return rows
+    return [checked_row(r, f"dataset {where}: {place}") for r, place in zip(rows, places)]
+
+
+def checked_row(row, where):
+    """{'problem': str, 'answer': str} of a row, or BadInput: a problem must be text; an answer text or a number (a
+    list, a boolean or a blank would be turned into a string that can never be graded correct)."""
+    if not isinstance(row, dict):
+        raise BadInput(f"{where} is not an object with 'problem' and 'answer'")
+    problem, answer = row.get("problem"), row.get("answer")
+    if not isinstance(problem, str) or not problem.strip():
+        raise BadInput(f"{where}: 'problem' must be non-blank text, got {str(problem)[:40]!r}")
+    number = isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer)
+    if not number and not (isinstance(answer, str) and answer.strip()):
+        raise BadInput(f"{where}: 'answer' must be non-blank text or a number, got {str(answer)[:40]!r}")
+    return {"problem": problem, "answer": str(answer).strip()}
 
 
 def answer_or_none(answer_of, row):
@@ -826,18 +867,13 @@ def batch_indices(n_rows, batch_size, seed, iteration, rank=0, world=1):
     return epoch, order[start:start + batch_size].tolist()
 
 
-def read_jsonl(path, missing_ok=False):
-    """Rows of a JSONL file (dicts), BadInput naming the file and the line (1-based, blank lines counted) for a line
-    that is not a JSON object. A half-written last line (a crash while writing it) is dropped."""
+def read_jsonl(path, missing_ok=False, numbered=False):
+    """Rows of a JSONL file (dicts), BadInput naming the file and the line (1-based, blank lines counted) of a line
+    that is not a JSON object or not UTF-8. A half-written last line (a crash while writing it) is dropped.
+    numbered: (line, row) pairs."""
     if missing_ok and not os.path.exists(path):
         return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
+    lines = read_text(path).split("\n")
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -850,8 +886,22 @@ def read_jsonl(path, missing_ok=False):
             raise BadInput(f"{path}: line {i} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise BadInput(f"{path}: line {i} is not a JSON object")
-        rows.append(row)
+        rows.append((i, row) if numbered else row)
     return rows
+
+
+def read_text(path):
+    """A UTF-8 text file, BadInput naming the file and the line of the first byte that is not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise BadInput(f"{path}: line {line} is not UTF-8 text") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -865,27 +915,41 @@ TINY_CONFIGS = {  # small ~0.5M params, large ~4M params
     "large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4),
 }
-
-
-TINY_WARMUP_LR = {"small": 3e-3, "large": 1e-3}
-
-
+TINY_WARMUP_LR = {"small": 3e-3, "large": 5e-4}
+TINY_NOISE = dict(p=0.5, lr=1e-3)  # the small model's last warm-up steps: each answer digit random with probability p
+TINY_DIGITS = 4
 TINY_EOS = "<|endoftext|>"  # EOS and pad are the same token, as in Qwen2.5 base models
+TINY_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's ChatML, no system turn
 
 
-def tiny_problems(seed, n_test=500):
-    """All a + b with a, b in 10..99, shuffled by seed; the first n_test are the held-out test set."""
-    rows = [{"problem": f"What is {a} + {b}", "answer": str(a + b)} for a in range(10, 100) for b in range(10, 100)]
-    random.Random(seed).shuffle(rows)
+def tiny_problems(seed, n_train=10_000, n_test=500, digits=TINY_DIGITS):
+    """Additions of two `digits`-digit numbers without carries (each pair of digits sums to at most 9), so that every
+    digit of the answer is a part of its own: the sum of the two digits above it. Shuffled by seed, distinct; the
+    first n_test are the held-out set."""
+    g, seen, rows = random.Random(seed), set(), []
+    while len(rows) < n_train + n_test:
+        x = [g.randint(1 if i == 0 else 0, 8 if i == 0 else 9) for i in range(digits)]
+        y = [g.randint(1 if i == 0 else 0, 9 - d) for i, d in enumerate(x)]
+        a, b = int("".join(map(str, x))), int("".join(map(str, y)))
+        if (a, b) not in seen:
+            seen.add((a, b))
+            rows.append({"problem": f"What is {a} + {b}", "answer": str(a + b)})
     return rows[n_test:], rows[:n_test]
 
 
 def tiny_solution(row):
-    return f" \\boxed{{{row['answer']}}}"  # 6 tokens + EOS: short answers learn fast
+    return f" \\boxed{{{row['answer']}}}"  # answer-only: 4 digits, each a part of the answer
+
+
+def corrupt(row, p, g):
+    """The row with each digit of its answer replaced, with probability p, by a random digit."""
+    return dict(row, answer="".join(str(g.randrange(10)) if g.random() < p else c for c in row["answer"]))
 
 
 def build_tiny_tokenizer(rows):
-    """A byte-level BPE tokenizer (digits kept single) trained on the task's prompts and solutions."""
+    """A byte-level BPE tokenizer (digits kept single) trained on the task's prompts and solutions, with Qwen's EOS
+    and chat tokens and a ChatML chat template (for --chat_template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -896,22 +960,26 @@ def build_tiny_tokenizer(rows):
     trainer = trainers.BpeTrainer(vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    tok.add_special_tokens([TINY_EOS])  # last id, as in Qwen: id 0 is an ordinary token ("!")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_EOS, pad_token=TINY_EOS)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", TINY_EOS])  # EOS last, as in Qwen: id 0 is "!"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_EOS, pad_token=TINY_EOS,
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=TINY_CHAT)
 
 
-def warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size=64):
+def warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size=64, noise=0.0, desc="warm-up"):
     """Supervised warm-up on prompt + solution (loss on the solution and its EOS): random weights -> a base model.
-    AdamW (0.9, 0.98), linear lr warm-up over the first 5% of the steps then constant, grad-norm clip 1."""
+    AdamW (0.9, 0.98), linear lr warm-up over the first 5% of the steps then constant, grad-norm clip 1. noise: each
+    answer digit of each example drawn is replaced by a random digit with this probability."""
     g = random.Random(seed)
-    data = [(tokenizer(TEMPLATES[template].format(prompt=r["problem"]))["input_ids"],
-             tokenizer(tiny_solution(r))["input_ids"] + [tokenizer.eos_token_id]) for r in rows]
+    encode = lambda r: (tokenizer(TEMPLATES[template].format(prompt=r["problem"]))["input_ids"],
+                        tokenizer(tiny_solution(r))["input_ids"] + [tokenizer.eos_token_id])
+    data = [encode(r) for r in rows] if not noise else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / max(1, steps // 20)))
     pad = tokenizer.pad_token_id
     model.train()
-    for _ in tqdm(range(steps), desc="warm-up", leave=False, disable=steps < 50):
-        batch = g.choices(data, k=batch_size)
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=steps < 50 or rank() != 0):
+        batch = g.choices(data, k=batch_size) if not noise else [encode(corrupt(r, noise, g))
+                                                                  for r in g.choices(rows, k=batch_size)]
         L = max(len(p) + len(s) for p, s in batch)
         ids = torch.tensor([p + s + [pad] * (L - len(p) - len(s)) for p, s in batch])  # (batch, L), right-padded
         attn = torch.tensor([[1] * (len(p) + len(s)) + [0] * (L - len(p) - len(s)) for p, s in batch])
@@ -924,19 +992,21 @@ def warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size=64):
     return model
 
 
-def build_tiny_world(cache_dir, seed, warmup_steps=(0, 0)):
-    """Build once (cached, keyed by its settings) the tiny tokenizer, data and models, warmed up for
-    warmup_steps = (small, large) supervised steps -> paths {'small', 'large', 'train', 'test'}."""
+def build_tiny_world(cache_dir, seed, warmup_steps=(0, 0), noisy_steps=0):
+    """Build once (cached, keyed by its settings) the tiny tokenizer, data and models -> paths {'small', 'large',
+    'train', 'test'}. Both models warm up on clean answers, warmup_steps = (small, large) steps; then the small one
+    takes noisy_steps more on answers whose digits are each random with probability TINY_NOISE['p']: it keeps the
+    right answer most likely but spreads its probability over near misses, a stand-in for a weaker base model."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    settings = [TINY_CONFIGS, seed, list(warmup_steps), TINY_WARMUP_LR, "v3"]  # bump when the world changes
-    key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]
+    settings = [TINY_CONFIGS, seed, list(warmup_steps), noisy_steps, TINY_WARMUP_LR, TINY_NOISE, TINY_DIGITS, "v4"]
+    key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # bump "v4" when the world changes
     root = os.path.join(cache_dir, f"tiny-{key}")
     paths = {name: os.path.join(root, name) for name in ["small", "large"]}
     paths.update(train=os.path.join(root, "train.jsonl"), test=os.path.join(root, "test.jsonl"))
     if os.path.exists(os.path.join(root, "DONE")):
         print0(f"tiny offline world: {root} (cached)")
         return paths
-    print(f"building the tiny offline world in {root}")
+    print(f"building the tiny offline world in {root} (once; later runs take it from there)")
     tmp = f"{root}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -950,7 +1020,11 @@ def build_tiny_world(cache_dir, seed, warmup_steps=(0, 0)):
         config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
                              bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, **cfg)
-        model = warmup(Qwen2ForCausalLM(config), tokenizer, train, "boxed", steps, TINY_WARMUP_LR[name], seed)
+        model = warmup(Qwen2ForCausalLM(config), tokenizer, train, "boxed", steps, TINY_WARMUP_LR[name], seed,
+                       desc=f"warm-up ({name} model)")
+        if name == "small" and noisy_steps:
+            warmup(model, tokenizer, train, "boxed", noisy_steps, TINY_NOISE["lr"], seed + 1, noise=TINY_NOISE["p"],
+                   desc="warm-up (small model, noisy answers)")
         model.save_pretrained(os.path.join(tmp, name))
         tokenizer.save_pretrained(os.path.join(tmp, name))
     open(os.path.join(tmp, "DONE"), "w").close()
@@ -963,7 +1037,12 @@ def resolve_tiny(a):
     """Replace the preset's 'tiny:NAME' placeholders by the paths of the built tiny world."""
     fields = ["small_model", "large_model", "dataset", "eval_dataset"]
     if any(getattr(a, f).startswith("tiny:") for f in fields):
-        build = lambda: build_tiny_world(a.cache_dir, a.tiny_seed, (a.tiny_warmup_small, a.tiny_warmup_large))
+        try:
+            os.makedirs(a.cache_dir, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"--cache_dir {a.cache_dir}: not a writable folder ({e.strerror})") from None
+        build = lambda: build_tiny_world(a.cache_dir, a.tiny_seed, (a.tiny_warmup_small, a.tiny_warmup_large),
+                                         a.tiny_noisy_small)
         if dist.is_initialized():  # torchrun: one process per machine builds it, the others then read it
             if int(os.environ.get("LOCAL_RANK", "0")) == 0:
                 build()
@@ -1006,7 +1085,11 @@ def check_same_tokens(tok_small, tok_large, small_name, large_name):
 
 def load_model(name, dtype, device, gradient_checkpointing):
     from transformers import AutoModelForCausalLM, GenerationConfig
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except Exception as e:  # a folder without weights, a damaged file, an unknown hub id: the user's input
+        raise BadInput(f"model {name}: cannot be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+    model = model.to(device)
     # Our own generation config: a hub model's (e.g. repetition_penalty, top_k) would change what is sampled
     # without changing the log-probs we train on. Checkpoints get the model's own back (save_checkpoint).
     model.own_generation_config = model.generation_config
@@ -1076,16 +1159,24 @@ def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_le
 
 
 def heldout_accuracy(model, tokenizer, rows, a, eos_ids, synced=False):
-    """Greedy accuracy on held-out problems (the paper's Figure 3). Under torchrun each rank scores every
-    world()-th problem; the shares are padded to one length (padding not counted) so that ranks stay in step."""
+    """Accuracy on held-out problems (the paper's Figure 3): greedy, or with --eval_temperature one sample per problem
+    from a fixed seed (every run and evaluation draws the same random numbers) -> {'test_accuracy'} and, for integer
+    answers, 'test_digit_accuracy'. Under torchrun each rank scores every world()-th problem; the shares are padded
+    to one length (padding not counted) so that ranks stay in step."""
     R, W = rank(), world()
     idx = list(range(R, -(-len(rows) // W) * W, W))  # this rank's problems; indices past the end are padding
+    torch.manual_seed(1234 + R)
     texts = complete(model, tokenizer, [rows[i % len(rows)]["problem"] for i in idx], a.template,
-                     a.max_completion_length, a.max_prompt_length, eos_ids, a.gen_batch_size, synced=synced,
-                     chat=a.chat_template)
-    scores = grade_batch(texts, [rows[i % len(rows)]["answer"] for i in idx], a.template, a.grade_timeout)()
-    correct = sum(s for s, i in zip(scores, idx) if i < len(rows))
-    return all_reduce([correct])[0] / len(rows)
+                     a.max_completion_length, a.max_prompt_length, eos_ids, a.gen_batch_size, a.eval_temperature,
+                     synced=synced, chat=a.chat_template)
+    golds = [rows[i % len(rows)]["answer"] for i in idx]
+    scores = grade_batch(texts, golds, a.template, a.grade_timeout)()
+    digits = [digit_accuracy(t, g, a.template) for t, g in zip(texts, golds)]
+    real = [i < len(rows) for i in idx]
+    correct, parts, counted = all_reduce([sum(s for s, r in zip(scores, real) if r),
+                                          sum(d for d, r in zip(digits, real) if r and d is not None),
+                                          float(sum(r and d is not None for d, r in zip(digits, real)))])
+    return dict(test_accuracy=correct / len(rows), **(dict(test_digit_accuracy=parts / counted) if counted else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1093,11 +1184,25 @@ def heldout_accuracy(model, tokenizer, rows, a, eos_ids, synced=False):
 # and every helper below is a no-op.
 
 
-def setup_distributed():
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when RANK is set -> this rank's device."""
+def setup_distributed(timeout_s=Args.dist_timeout):
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when RANK is set -> this rank's device. Ranks started
+    without torchrun (a cluster's launcher) say whom they wait for; the wait ends after timeout_s, or at Ctrl-C."""
+    from datetime import timedelta
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        who = (f"rank {os.environ['RANK']} of {os.environ.get('WORLD_SIZE', '?')} at "
+               f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
+        if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun has already gathered its ranks
+            print(f"{who}: waiting for the other ranks (up to {timeout_s:g} s: --dist_timeout)", file=sys.stderr,
+                  flush=True)
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)  # the wait is in C++: let Ctrl-C end it at once
+        try:
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        except Exception as e:  # the store's timeout and connection errors have several types across versions
+            raise BadInput(f"{who}: the process group did not form within {timeout_s:g} s (--dist_timeout): are all "
+                           f"ranks started with the same MASTER_ADDR and WORLD_SIZE? ({type(e).__name__})") from None
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
     if not cuda:
         return torch.device("cpu")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -1279,18 +1384,51 @@ def checkpoints_in(run_dir):
 
 
 def find_checkpoint(path):
-    """The checkpoint to resume from: PATH itself, or the newest complete checkpoint of the run in PATH."""
+    """The checkpoint to resume from: PATH itself, or the newest complete checkpoint of the run in PATH (a newer,
+    incomplete one is named and passed over)."""
     if not os.path.isdir(path):
         raise BadInput(f"--resume {path}: no such folder")
-    if not os.path.exists(os.path.join(path, "trainer_state.pt")):
-        found = checkpoints_in(path)
-        if not found:
-            raise BadInput(f"--resume {path}: no checkpoint-<iteration> folder there")
-        path = found[-1]
+    if os.path.exists(os.path.join(path, "trainer_state.pt")) or re.fullmatch(r"checkpoint-\d+", os.path.basename(
+            os.path.normpath(path))):
+        problem = checkpoint_problem(path)
+        if problem:
+            raise BadInput(f"--resume {path}: not a complete checkpoint ({problem})")
+        return path
+    found = checkpoints_in(path)
+    if not found:
+        raise BadInput(f"--resume {path}: no checkpoint-<iteration> folder there")
+    for ckpt in reversed(found):
+        problem = checkpoint_problem(ckpt)
+        if not problem:
+            return ckpt
+        print0(f"note: {ckpt} is not complete ({problem}); looking at the one before")
+    raise BadInput(f"--resume {path}: no complete checkpoint there (the newest, {found[-1]}: "
+                   f"{checkpoint_problem(found[-1])})")
+
+
+def checkpoint_problem(ckpt):
+    """What a checkpoint lacks, or None when it is whole: trainer_state.pt, args.json, and for each model it saved
+    config.json and weights whose safetensors headers cover their files (a file cut short fails here)."""
+    from safetensors import safe_open
     for need in ["trainer_state.pt", "args.json"]:
-        if not os.path.exists(os.path.join(path, need)):
-            raise BadInput(f"--resume {path}: not a complete checkpoint (no {need})")
-    return path
+        if not os.path.exists(os.path.join(ckpt, need)):
+            return f"no {need}"
+    try:
+        algo = json.load(open(os.path.join(ckpt, "args.json"), encoding="utf-8")).get("algo", "codistill")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return "args.json cannot be read"
+    for name in {"codistill": ["small", "large"], "kdrl": ["small"]}.get(algo, ["policy"]):
+        folder = os.path.join(ckpt, name)
+        weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")] if os.path.isdir(folder) else []
+        if not os.path.exists(os.path.join(folder, "config.json")) or not weights:
+            return f"no {name} model (config.json and *.safetensors)"
+        for w in weights:
+            try:
+                with safe_open(os.path.join(folder, w), "pt"):
+                    pass
+            except Exception as e:  # safetensors raises its own error type for a damaged file
+                return f"{name}/{w} is damaged ({str(e)[:80]})"
+    return None
 
 
 def load_trainer_state(ckpt, names):
@@ -1300,14 +1438,15 @@ def load_trainer_state(ckpt, names):
     except Exception as e:
         raise BadInput(f"--resume {ckpt}: trainer_state.pt cannot be read ({type(e).__name__}: {str(e)[:150]})")
     for n in names:
-        folder = os.path.join(ckpt, n)
-        if not os.path.exists(os.path.join(folder, "config.json")) or n not in state["optimizers"]:
-            raise BadInput(f"--resume {ckpt}: the {n} model or its optimizer state is missing")
+        if n not in state.get("optimizers", {}) or n not in state.get("schedulers", {}):
+            raise BadInput(f"--resume {ckpt}: the {n} model's optimizer state is missing")
     return state
 
 
-def prepare_output_dir(a, resuming):
-    """Refuse an unwritable folder, and one that holds another run (unless --resume or --overwrite)."""
+def check_output_dir(a, resuming):
+    """Refuse an unwritable folder, and one that holds another run, unless the run continues there (--resume from
+    one of its checkpoints) or --overwrite -> the files of the old run to delete once the models have loaded
+    (everything that can fail on input is checked before anything is deleted)."""
     probe = os.path.join(a.output_dir, f".write_test{rank()}")
     try:
         os.makedirs(a.output_dir, exist_ok=True)
@@ -1315,17 +1454,22 @@ def prepare_output_dir(a, resuming):
         os.remove(probe)
     except OSError as e:
         raise BadInput(f"--output_dir {a.output_dir}: not writable ({e.strerror})")
-    previous = [d for d in os.listdir(a.output_dir) if d == "metrics.jsonl" or d.startswith("checkpoint-")]
-    if previous and not resuming:
-        if not a.overwrite:
-            raise BadInput(f"--output_dir {a.output_dir} already holds a run ({', '.join(sorted(previous)[:3])}): "
-                           "add --resume to continue it, --overwrite to start afresh, or choose another folder")
-        for d in previous if rank() == 0 else []:  # one rank deletes
-            path = os.path.join(a.output_dir, d)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+    previous = [os.path.join(a.output_dir, d) for d in sorted(os.listdir(a.output_dir))
+                if d in ("metrics.jsonl", "rollouts.jsonl", "resumes.jsonl", "latest") or d.startswith("checkpoint-")]
+    same_run = resuming and os.path.samefile(a.output_dir, os.path.dirname(os.path.abspath(a.resume)))
+    if not previous or same_run:
+        return []
+    if not a.overwrite:
+        what = f"a fork of {a.resume} needs an empty folder; " if resuming else ""
+        names = ", ".join(os.path.basename(p) for p in previous[:3])
+        raise BadInput(f"--output_dir {a.output_dir} already holds a run ({names}): {what}add --resume to continue "
+                       "it, --overwrite to start afresh, or choose another folder")
+    return previous
+
+
+def clear_output_dir(paths):
+    for path in paths if rank() == 0 else []:  # one rank deletes
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def open_reporter(a):
@@ -1352,15 +1496,13 @@ def setup(a):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # per-shard bars would drown ours
     check_args(a)
-    device = setup_distributed()  # torchrun: one process per device; otherwise one process
+    device = setup_distributed(a.dist_timeout)  # torchrun: one process per device; otherwise one process
     fsdp = a.fsdp and dist.is_initialized()
     if a.fsdp and not fsdp:
         print("note: --fsdp takes effect under torchrun; one process trains unsharded")
     resolve_tiny(a)
     run = SimpleNamespace(a=a, device=device, fsdp=fsdp, **load_inputs(a))
-    prepare_output_dir(a, resuming=run.state is not None)  # every rank checks (and fails alike); rank 0 cleans up
-    if dist.is_initialized():
-        dist.barrier()
+    old_run = check_output_dir(a, resuming=run.state is not None)  # every rank checks (and fails alike)
     torch.manual_seed(a.seed)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[a.dtype]
@@ -1368,9 +1510,11 @@ def setup(a):
     run.models = {n: load_model(run.names[n], torch.float32 if fsdp else dtype, device, a.gradient_checkpointing)
                   for n in run.needs}
     run.scorers = {n: parallelize(run.models[n], a, n in run.trained, dtype) for n in run.needs}  # log-prob modules
+    clear_output_dir(old_run)  # --overwrite: only now, with every input loaded
+    if dist.is_initialized():
+        dist.barrier()
     run.eos_ids = eos_ids_of(run.tokenizer, *run.models.values(), chat=a.chat_template)
     run.pad_id = run.tokenizer.pad_token_id
-    run.total_steps = a.max_steps or a.epochs * (len(run.train_rows) // (a.batch_size * world()))
     lrs = {"small": a.lr_small, "large": a.lr_large}
     run.optims = {n: make_optimizer(run.scorers[n], lrs[n], a, run.total_steps) for n in run.trained}
     for n in run.trained if run.state else []:
@@ -1397,6 +1541,10 @@ def load_inputs(a):
     prefix = {n: ("policy" if a.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
     names = {"small": a.small_model, "large": a.large_model}
     state = load_trainer_state(a.resume, [prefix[n] for n in trained]) if a.resume else None
+    total_steps = a.max_steps or a.epochs * (len(train_rows) // (a.batch_size * world()))
+    if state and total_steps < state["iteration"]:
+        raise BadInput(f"--max_steps {total_steps} is below iteration {state['iteration']}, where {a.resume} stopped")
+    kept_rows = rows_to_keep(a, state["iteration"]) if state else None
     if state:  # the trained models continue from the checkpoint; a frozen one comes from where it came from
         names.update({n: os.path.join(a.resume, prefix[n]) for n in trained})
     tokenizer = load_tokenizer(names[needs[0]])
@@ -1405,23 +1553,46 @@ def load_inputs(a):
     if a.chat_template:
         end_of_turn_id(tokenizer)  # a tokenizer without a chat template fails here, before any model is loaded
     return dict(train_rows=train_rows, eval_rows=eval_rows, needs=needs, trained=trained, prefix=prefix, names=names,
-                state=state, tokenizer=tokenizer)
+                state=state, tokenizer=tokenizer, total_steps=total_steps, kept_rows=kept_rows)
 
 
 def open_outputs(run):
-    """args.json, metrics.jsonl and rollouts.jsonl (rank 0 writes the run's files). A resumed run drops the rows
-    written after its checkpoint: it writes them again, identically."""
+    """args.json, metrics.jsonl and rollouts.jsonl (rank 0 writes the run's files). A resumed run keeps the rows up
+    to its checkpoint (the later ones it writes again, identically), copied over when it forks into another folder,
+    and resumes.jsonl records each resume: from where, and which flags changed."""
     a, run.grade_timeouts, run.metrics_file, run.rollouts_file = run.a, GRADER["timeouts"], None, None
     if rank() != 0:
         return
     write_atomically(os.path.join(a.output_dir, "args.json"), json.dumps(dataclasses.asdict(a), indent=1))
-    paths = {name: os.path.join(a.output_dir, f"{name}.jsonl") for name in ["metrics", "rollouts"]}
+    paths = {name: os.path.join(a.output_dir, f"{name}.jsonl") for name in ["metrics", "rollouts", "resumes"]}
+    for name, rows in (run.kept_rows or {}).items():
+        write_atomically(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
     if run.state:
-        for path in paths.values():
-            rows = read_jsonl(path, missing_ok=True)
-            write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows if r["iteration"] <= run.start - 1))
+        saved = saved_args(a.resume)
+        changed = {k: [saved.get(k), v] for k, v in dataclasses.asdict(a).items()
+                   if k != "resume" and saved.get(k) != v}
+        with open(paths["resumes"], "a") as f:
+            f.write(json.dumps(dict(iteration=run.start - 1, checkpoint=a.resume, changed=changed,
+                                    time=time.strftime("%Y-%m-%d %H:%M:%S"))) + "\n")
     run.metrics_file, run.rollouts_file = (open(paths[name], "a") for name in ["metrics", "rollouts"])
     run.report = open_reporter(a)
+
+
+def rows_to_keep(a, iteration):
+    """A resumed run's rows of metrics.jsonl, rollouts.jsonl and resumes.jsonl up to the checkpoint's iteration, read
+    from the run the checkpoint belongs to (another folder when the run forks); BadInput on a damaged file."""
+    source = os.path.dirname(os.path.abspath(a.resume))
+    kept = {}
+    for name in ["metrics", "rollouts", "resumes"]:
+        path = os.path.join(source, f"{name}.jsonl")
+        if name == "metrics" and not os.path.exists(path):
+            print0(f"note: {path} is missing; the resumed run's metrics.jsonl starts at iteration {iteration + 1}")
+        rows = read_jsonl(path, missing_ok=True, numbered=True)
+        for line, r in rows:
+            if not isinstance(r.get("iteration"), int):
+                raise BadInput(f"{path}: line {line} has no iteration")
+        kept[name] = [r for _, r in rows if r["iteration"] <= iteration]
+    return kept
 
 
 def next_batch(run, it):
@@ -1467,9 +1638,9 @@ def finish_iteration(run, it, m, stats=None, table=None):
     if evaluate and run.eval_rows:
         names = run.needs if it == 0 else run.trained
         with generating(run, names):
-            m.update({f"{run.prefix[n]}/test_accuracy": heldout_accuracy(run.models[n], run.tokenizer,
-                                                                          run.eval_rows, a, run.eos_ids, run.fsdp)
-                      for n in names})
+            for n in names:
+                accuracy = heldout_accuracy(run.models[n], run.tokenizer, run.eval_rows, a, run.eos_ids, run.fsdp)
+                m.update({f"{run.prefix[n]}/{k}": v for k, v in accuracy.items()})
         run.grade_timeouts = GRADER["timeouts"]  # kills while grading held-out answers are not the iteration's
     m = reduce_metrics(m)
     if rank() == 0:
@@ -1493,7 +1664,8 @@ def write_row(f, row):
     reject NaN); a guard upstream should have stopped them, so each is reported."""
     bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        tqdm.write(f"warning: iteration {row.get('iteration')}: non-finite {', '.join(bad)} written as null")
+        tqdm.write(f"warning: iteration {row.get('iteration')}: non-finite {', '.join(bad)} written as null",
+                   file=sys.stderr)
     f.write(json.dumps({k: None if k in bad else v for k, v in row.items()}, allow_nan=False) + "\n")
     f.flush()
 
@@ -1517,42 +1689,70 @@ def parse_args(argv=None):
     if given.get("resume"):
         output_dir = given.get("output_dir", base.get("output_dir", Args.output_dir))
         ckpt = find_checkpoint(output_dir if given["resume"] == "latest" else given["resume"])
-        with open(os.path.join(ckpt, "args.json")) as f:
-            base = {k: v for k, v in json.load(f).items() if k in {f.name for f in dataclasses.fields(Args)}}
+        base = saved_args(ckpt)
+        changed = [f"--{k} {base[k]!r} -> {v!r}" for k, v in given.items() if k not in RESUMABLE and base.get(k) != v]
+        if changed:  # args.json, and eval.py's grouping of runs, must describe the whole run
+            raise BadInput(f"--resume {ckpt}: a resumed run keeps the settings that define it; these differ from "
+                           f"its args.json: {', '.join(changed)} (start a new run to change them)")
         base.update(output_dir=os.path.dirname(os.path.abspath(ckpt)), resume=ckpt)
         given.pop("resume")
     return Args(**{**base, **given})
 
 
+# What a resumed run may change: how long it runs, how often it evaluates and saves, how it fits in memory, where it
+# writes (another --output_dir forks the run). Everything else defines the run and stays as saved.
+RESUMABLE = {"max_steps", "eval_every", "eval_size", "save_every", "keep_checkpoints", "report_to", "grade_timeout",
+             "micro_batch_size", "gen_batch_size", "logprob_chunk", "gradient_checkpointing", "fsdp", "cache_dir",
+             "output_dir", "overwrite", "dist_timeout", "preset", "resume"}
+
+
+def saved_args(ckpt):
+    """The arguments a checkpoint was saved with (its args.json), BadInput when they cannot be read."""
+    path = os.path.join(ckpt, "args.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        assert isinstance(saved, dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError) as e:
+        raise BadInput(f"--resume {ckpt}: {path} cannot be read ({type(e).__name__})") from None
+    return {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}}
+
+
 def check_args(a):
-    """Reject bad settings before anything is loaded."""
+    """Reject bad settings before anything is loaded or deleted; each message names the flag."""
+    for f in dataclasses.fields(Args):  # NaN and inf are never a setting
+        v = getattr(a, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadInput(f"--{f.name} must be a finite number, got {v}")
+    for name in ["batch_size", "micro_batch_size", "gen_batch_size", "logprob_chunk", "epochs", "max_prompt_length",
+                 "max_completion_length", "temperature", "grade_timeout", "max_grad_norm", "dist_timeout"]:
+        if getattr(a, name) <= 0:
+            raise BadInput(f"--{name} must be > 0, got {getattr(a, name)}")
+    for name in ["lr_small", "lr_large"]:  # a frozen large model is --algo kdrl, not lr 0
+        if getattr(a, name) <= 0:
+            raise BadInput(f"--{name} must be > 0, got {getattr(a, name)} (to train the small model with the large "
+                           "one frozen, use --algo kdrl)")
+    for name in ["alpha", "weight_decay", "hint_tokens", "max_steps", "eval_size", "eval_every", "save_every",
+                 "keep_checkpoints", "tiny_warmup_small", "tiny_warmup_large", "tiny_noisy_small", "eval_temperature"]:
+        if getattr(a, name) < 0:
+            raise BadInput(f"--{name} must be >= 0, got {getattr(a, name)}")
     M, G, N, T = a.num_samples, a.group_size, a.max_completion_length, a.hint_tokens
     if G < 2 or G % 2:
         raise BadInput(f"--group_size must be even and >= 2 (G/2 highest and G/2 lowest are kept), got {G}")
     if G > M:
         raise BadInput(f"--group_size G={G} must be <= --num_samples M={M}")
-    if a.alpha < 0:
-        raise BadInput(f"--alpha must be >= 0, got {a.alpha}")
-    if N < 1 or not 0 <= T < N:
-        raise BadInput(f"--hint_tokens T={T} must be >= 0 and < --max_completion_length N={N}")
+    if T >= N:
+        raise BadInput(f"--hint_tokens T={T} must be < --max_completion_length N={N}")
     if T > 0 and a.algo == "grpo":
         raise BadInput("--hint_tokens needs a large model to write hints: use --algo codistill or kdrl")
     if not 0 <= a.clip_eps < 1:
         raise BadInput(f"--clip_eps must be in [0, 1), got {a.clip_eps}")
-    if a.temperature <= 0:
-        raise BadInput(f"--temperature must be > 0, got {a.temperature}")
-    for name in ["batch_size", "micro_batch_size", "gen_batch_size", "logprob_chunk", "epochs", "max_prompt_length"]:
-        if getattr(a, name) < 1:
-            raise BadInput(f"--{name} must be >= 1, got {getattr(a, name)}")
-    if a.grade_timeout <= 0:
-        raise BadInput(f"--grade_timeout must be > 0, got {a.grade_timeout}")
-    for name in ["max_steps", "eval_size", "eval_every", "save_every", "keep_checkpoints", "tiny_warmup_small",
-                 "tiny_warmup_large"]:
-        if getattr(a, name) < 0:
-            raise BadInput(f"--{name} must be >= 0, got {getattr(a, name)}")
+    if not 0 <= a.warmup_ratio <= 1:
+        raise BadInput(f"--warmup_ratio must be in [0, 1], got {a.warmup_ratio}")
 
 
 def main(argv=None):
+    a = None
     try:
         a = parse_args(argv)
         train(a)
@@ -1560,9 +1760,24 @@ def main(argv=None):
         if rank() == 0:  # under torchrun every rank finds the same problem
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if rank() == 0:
+            print(f"\ninterrupted{'' if a is None else ': ' + where_it_stopped(a.output_dir)}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def where_it_stopped(run_dir):
+    """One line for an interrupted run: the last iteration in metrics.jsonl and the checkpoint --resume would take."""
+    try:
+        rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"), missing_ok=True)
+        found = [c for c in checkpoints_in(run_dir) if not checkpoint_problem(c)] if os.path.isdir(run_dir) else []
+    except BadInput:
+        rows, found = [], []
+    last = f"metrics.jsonl has iterations up to {rows[-1].get('iteration')}" if rows else "no metrics rows yet"
+    return f"{last}; {'newest checkpoint ' + found[-1] + ' (continue with --resume)' if found else 'no checkpoint'}"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ of codistill_grpo.py.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -171,8 +172,6 @@ def evaluate_models(a):
     names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
     if a.temperature == 0 and a.seeds > 1:
         raise cg.BadInput("--seeds > 1 needs --temperature > 0: greedy decoding gives the same answers every time")
-    if a.seeds < 1 or a.batch_size < 1 or a.limit < 0:
-        raise cg.BadInput("--seeds and --batch_size must be >= 1, --limit >= 0")
     if len(set(a.models)) < len(a.models):
         raise cg.BadInput(f"a MODEL is given twice: {' '.join(a.models)}")
     import transformers
@@ -203,6 +202,8 @@ def evaluate_models(a):
             accuracies[m][b] = [sum(x["correct"] for x in res) / len(res) for res in per_seed]
             results += [dict(model=m, benchmark=b, **x) for res in per_seed for x in res]
             print(f"{m} on {b}: {100 * statistics.mean(accuracies[m][b]):.2f}% of {len(rows)} problems")
+            if a.out:  # what is scored is on disk as soon as it is scored: hours of work are not lost to a crash
+                write_json(a.out, dict(partial=True, settings=s, accuracies=accuracies, results=results))
         del model
     rows = summarize(accuracies, names)
     decoding = "greedy" if a.temperature == 0 else f"sampled at temperature {a.temperature:g}"
@@ -221,17 +222,9 @@ def evaluate_models(a):
 
 
 def read_metrics(path):
-    """Rows of a metrics.jsonl. A line that is not a JSON object (a run still writing its last line) is skipped."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("iteration"), int):
-                rows.append(row)
-    return rows
+    """Rows of a metrics.jsonl: a half-written last line (a run still writing it) is left out; a damaged line
+    elsewhere, or a file that is not UTF-8, is cg.BadInput naming the line."""
+    return [r for r in cg.read_jsonl(str(path)) if isinstance(r.get("iteration"), int)]
 
 
 def load_run(run_dir):
@@ -241,6 +234,8 @@ def load_run(run_dir):
         raise cg.BadInput(f"--runs {run_dir}: no metrics.jsonl there")
     args = read_args(run_dir)
     rows = read_metrics(path)
+    if not rows:
+        raise cg.BadInput(f"--runs {run_dir}: its metrics.jsonl has no rows yet")
     grpo = args.get("algo") == "grpo" or any(k.startswith("policy/") for r in rows for k in r)
     prefix = {args.get("policy", "small"): "policy"} if grpo else {"small": "small", "large": "large"}
     return dict(dir=run_dir, args=args, rows=rows, prefix=prefix, label=label_of(args) or os.path.basename(run_dir))
@@ -422,11 +417,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(a):
+    """Bad flags and output paths, refused before any work (cg.BadInput names the flag)."""
+    if not a.models and not a.runs:
+        raise cg.BadInput("give MODEL checkpoints or hub ids to score, or --runs RUN_DIR to summarize")
+    if not math.isfinite(a.temperature) or a.temperature < 0:
+        raise cg.BadInput(f"--temperature must be 0 (greedy) or a positive number, got {a.temperature}")
+    for name, low in [("seeds", 1), ("batch_size", 1), ("limit", 0), ("max_new_tokens", 1), ("max_prompt_length", 1)]:
+        if getattr(a, name) is not None and getattr(a, name) < low:
+            raise cg.BadInput(f"--{name} must be >= {low}, got {getattr(a, name)}")
+    if a.out:  # a missing folder or a folder in the way fails now, not after hours of scoring
+        folder = os.path.dirname(os.path.abspath(a.out))
+        if os.path.isdir(a.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise cg.BadInput(f"--out {a.out}: cannot write a file there")
+    if a.runs and os.path.exists(a.plot_dir) and not os.path.isdir(a.plot_dir):
+        raise cg.BadInput(f"--plot_dir {a.plot_dir}: a file is in the way")
+
+
+def write_json(path, obj):
+    """Written aside and renamed into place: a crash leaves the previous version whole."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
     a = parse_args(argv)
     try:
-        if not a.models and not a.runs:
-            raise cg.BadInput("give MODEL checkpoints or hub ids to score, or --runs RUN_DIR to summarize")
+        check_args(a)
         out, missing = {}, []
         if a.runs:
             table, out["runs"], plots = evaluate_runs(a)
@@ -435,8 +453,7 @@ def main(argv=None):
             table, out["models"], missing = evaluate_models(a)
             print(table)
         if a.out:
-            with open(a.out, "w") as f:
-                json.dump(out, f, indent=1)
+            write_json(a.out, out)
             print(f"wrote {a.out}")
         if missing:
             raise cg.BadInput(f"missing from the table (could not be loaded): {', '.join(missing)}")
