@@ -39,7 +39,9 @@ distributed training, checkpoints and `main`: a reader who stops at the banner h
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -82,7 +84,7 @@ class Args:
     dataset: str = arg("DigitalLearningGmbH/MATH-lighteval",
                        "training problems: hub id or local JSON/JSONL with 'problem' and 'answer'")
     eval_dataset: str = arg("HuggingFaceH4/MATH-500", "held-out problems for test accuracy (never trained on)")
-    eval_size: int = arg(500, "number of held-out problems scored (greedy); 0 disables evaluation")
+    eval_size: int = arg(500, "number of held-out problems scored; 0 disables evaluation")
     eval_every: int = arg(20, "score held-out accuracy every this many iterations (and at 0 and the end)")
     eval_temperature: float = arg(0.0, "held-out decoding: 0 greedy; > 0 one sample per problem at this temperature "
                                   "(top_k=0, top_p=1), from a fixed seed")
@@ -146,8 +148,8 @@ class Args:
     save_every: int = arg(100, "save a checkpoint every this many iterations (and at the end); 0 = only at the end")
     keep_checkpoints: int = arg(3, "keep only the newest this many checkpoints; 0 keeps all")
     resume: str = arg("", "continue a run: alone, from the newest complete checkpoint in --output_dir; or from PATH "
-                      "(a checkpoint or run folder). Its saved arguments are the defaults; flags given still win",
-                      nargs="?", const="latest")
+                      "(a checkpoint or run folder). Its saved arguments stay; only length, cadence, memory knobs "
+                      "and the output folder (a fork) may change", nargs="?", const="latest")
     overwrite: bool = arg(False, "start afresh in an --output_dir that already holds a run (its files are deleted)")
     grade_timeout: float = arg(GRADE_TIMEOUT_S, "hard time limit of one grading call in seconds; past it the answer "
                                "scores 0 and is counted")
@@ -593,8 +595,9 @@ def train(a):
             acc, fmt = (torch.tensor(x, device=run.device) for x in (grading(), format_rewards(texts, a.template)))
             r = acc + fmt  # (B*M,)
         if large_first:  # step 7 now: on all M = G rollouts with A of Eq. (3); its log-probs before the step are kept
-            stats["large"] = step(run, "large", m, seqs, logp_old["small"], group_advantages(r.view(B, M), True).view(
-                -1), own=seqs["hint"] if own_hints else None, keep_logp=True)
+            A_all = group_advantages(r.view(B, M), scale_by_std=True).view(-1)  # (B*M,)
+            stats["large"] = step(run, "large", m, seqs, logp_old["small"], A_all,
+                                  own=seqs["hint"] if own_hints else None, keep_logp=True)
             logp_old["large"] = stats["large"].pop("logp")  # (B*M, L)
         # 4. KD reward r~ (Eq. 6); downsampling by r~ (Sec. 3.3): per prompt the G/2 highest and G/2 lowest of M
         kd = kd_reward(logp_old["large"], logp_old["small"], seqs["mask"], N) if with_kd else None  # (B*M,)
@@ -1447,6 +1450,8 @@ def check_output_dir(a, resuming):
     """Refuse an unwritable folder, and one that holds another run, unless the run continues there (--resume from
     one of its checkpoints) or --overwrite -> the files of the old run to delete once the models have loaded
     (everything that can fail on input is checked before anything is deleted)."""
+    if os.path.exists(os.path.join(a.output_dir, "trainer_state.pt")):  # its args.json would be overwritten
+        raise BadInput(f"--output_dir {a.output_dir} is a checkpoint folder: give the run a folder of its own")
     probe = os.path.join(a.output_dir, f".write_test{rank()}")
     try:
         os.makedirs(a.output_dir, exist_ok=True)
@@ -1465,6 +1470,29 @@ def check_output_dir(a, resuming):
         raise BadInput(f"--output_dir {a.output_dir} already holds a run ({names}): {what}add --resume to continue "
                        "it, --overwrite to start afresh, or choose another folder")
     return previous
+
+
+@contextmanager
+def one_run_at_a_time(folder):
+    """Rank 0 holds an exclusive lock on folder/.lock while the run lasts (the system releases it when the process
+    ends, however it ends): a second run started in the same folder is refused instead of writing over the first
+    one's files."""
+    f = None
+    if os.environ.get("RANK", "0") == "0" and not os.path.exists(os.path.join(folder, "trainer_state.pt")):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            f = open(os.path.join(folder, ".lock"), "a")
+        except OSError:
+            pass  # check_output_dir reports it, naming the flag
+    if f is None:
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BadInput(f"--output_dir {folder}: another run is writing there right now") from None
+        yield
 
 
 def clear_output_dir(paths):
@@ -1749,13 +1777,17 @@ def check_args(a):
         raise BadInput(f"--clip_eps must be in [0, 1), got {a.clip_eps}")
     if not 0 <= a.warmup_ratio <= 1:
         raise BadInput(f"--warmup_ratio must be in [0, 1], got {a.warmup_ratio}")
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(a.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise BadInput(f"--report_to {a.report_to}: the {package} package is not installed (pip install {package})")
 
 
 def main(argv=None):
     a = None
     try:
         a = parse_args(argv)
-        train(a)
+        with one_run_at_a_time(a.output_dir):
+            train(a)
     except BadInput as e:
         if rank() == 0:  # under torchrun every rank finds the same problem
             print(f"error: {e}", file=sys.stderr)

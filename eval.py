@@ -1,7 +1,8 @@
 """
 eval.py: score checkpoints like the paper's Tables 1 and 2, and draw Figures 1, 3 and 4 from training runs.
 
-Benchmarks (greedy by default; with --temperature and --seeds K, mean ± std over K sampled runs):
+Benchmarks (decoded as the checkpoints' runs evaluated held-out: greedy for the paper's presets, sampled at
+temperature 1 for the tiny one; --temperature and --seeds K for mean ± std over K sampled runs):
     python eval.py Qwen/Qwen2.5-Math-1.5B runs/codistill/checkpoint-1560/small   # minerva,math500,amc23,olympiadbench
     python eval.py MODEL --benchmarks math500,gsm8k,my_problems.jsonl --temperature 0.6 --seeds 5 --out scores.json
     python eval.py tiny:small runs/tiny/checkpoint-100/small --benchmarks toy     # offline: the tiny preset's base model
@@ -170,8 +171,6 @@ def load_benchmarks(names, limit):
 def evaluate_models(a):
     """Score every MODEL on every benchmark -> (table text, JSON-able results, names of missing benchmarks)."""
     names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
-    if a.temperature == 0 and a.seeds > 1:
-        raise cg.BadInput("--seeds > 1 needs --temperature > 0: greedy decoding gives the same answers every time")
     if len(set(a.models)) < len(a.models):
         raise cg.BadInput(f"a MODEL is given twice: {' '.join(a.models)}")
     import transformers
@@ -183,11 +182,14 @@ def evaluate_models(a):
         raise cg.BadInput(f"--benchmarks {a.benchmarks}: none could be loaded")
     recorded = [trained_args(paths[m]) for m in a.models]
     toy_only = set(problems) == {"toy"}
-    s = dict(temperature=a.temperature, batch_size=a.batch_size, seeds=list(range(a.seeds)),
+    s = dict(temperature=setting(a.temperature, "eval_temperature", recorded, toy_only), batch_size=a.batch_size,
+             seeds=list(range(a.seeds)),
              template=setting(a.template, "template", recorded, toy_only),
              max_new_tokens=setting(a.max_new_tokens, "max_completion_length", recorded, toy_only),
              max_prompt_length=setting(a.max_prompt_length, "max_prompt_length", recorded, toy_only),
              chat_template=setting(a.chat_template, "chat_template", recorded, toy_only))
+    if s["temperature"] == 0 and a.seeds > 1:
+        raise cg.BadInput("--seeds > 1 needs --temperature > 0: greedy decoding gives the same answers every time")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     accuracies, results = {}, []
@@ -206,7 +208,7 @@ def evaluate_models(a):
                 write_json(a.out, dict(partial=True, settings=s, accuracies=accuracies, results=results))
         del model
     rows = summarize(accuracies, names)
-    decoding = "greedy" if a.temperature == 0 else f"sampled at temperature {a.temperature:g}"
+    decoding = "greedy" if s["temperature"] == 0 else f"sampled at temperature {s['temperature']:g}"
     caption = (f"Accuracy (%), {decoding}, template {s['template']}, at most {s['max_new_tokens']} new tokens: "
                f"mean ± std (population std) over {a.seeds} seed(s); Average: the mean of the benchmarks' means, "
                f"with its change against the first row in parentheses.")
@@ -403,7 +405,8 @@ def parse_args(argv=None):
                    help=f"comma-separated: {', '.join(BENCHMARKS)}, toy, or local JSON/JSONL files\n"
                    "(default: %(default)s, the paper's)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N problems of each benchmark; 0 = all")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled, top_k=0, top_p=1")
+    p.add_argument("--temperature", type=float, help="0: greedy; > 0: sampled, top_k=0, top_p=1; " +
+                   default("eval_temperature"))
     p.add_argument("--seeds", type=int, default=1, help="K sampled runs, seeds 0..K-1 (with --temperature)")
     p.add_argument("--max_new_tokens", type=int, help="N, max completion tokens; " + default("max_completion_length"))
     p.add_argument("--max_prompt_length", type=int, help="longer prompts are cut; " + default("max_prompt_length"))
@@ -421,7 +424,7 @@ def check_args(a):
     """Bad flags and output paths, refused before any work (cg.BadInput names the flag)."""
     if not a.models and not a.runs:
         raise cg.BadInput("give MODEL checkpoints or hub ids to score, or --runs RUN_DIR to summarize")
-    if not math.isfinite(a.temperature) or a.temperature < 0:
+    if a.temperature is not None and (not math.isfinite(a.temperature) or a.temperature < 0):
         raise cg.BadInput(f"--temperature must be 0 (greedy) or a positive number, got {a.temperature}")
     for name, low in [("seeds", 1), ("batch_size", 1), ("limit", 0), ("max_new_tokens", 1), ("max_prompt_length", 1)]:
         if getattr(a, name) is not None and getattr(a, name) < low:

@@ -1263,6 +1263,27 @@ def test_a_model_that_cannot_load_leaves_the_old_run_in_place_even_with_overwrit
     assert "cannot be loaded" in message and snapshot(finished_run) == before
 
 
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(world, finished_run, capsys):
+    import fcntl
+    before = snapshot(finished_run)
+    with open(finished_run / ".lock", "a") as held:  # what a run in progress holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another run is writing there" in exit_2(["--resume", str(finished_run), "--max_steps", "3"], capsys)
+    assert snapshot(finished_run) == before
+    cg.main(["--resume", str(finished_run), "--max_steps", "3"])  # once it is over, the folder is free
+
+
+def test_output_dir_that_is_a_checkpoint_or_a_missing_reporter_exit_2(world, finished_run, tmp_path, capsys,
+                                                                      no_models, monkeypatch):
+    before = snapshot(finished_run)
+    message = exit_2(["--resume", str(finished_run / "checkpoint-1"), "--output_dir",
+                      str(finished_run / "checkpoint-1")], capsys)
+    assert "is a checkpoint folder" in message and snapshot(finished_run) == before
+    monkeypatch.setattr(cg.importlib.util, "find_spec", lambda name: None)
+    assert "the wandb package is not installed" in exit_2(tiny_argv(world, tmp_path / "r", "--report_to", "wandb"),
+                                                          capsys)
+
+
 def test_ctrl_c_prints_one_line_and_exits_130(world, tmp_path):
     import signal
     out = tmp_path / "run"
@@ -1578,7 +1599,7 @@ def test_missing_benchmark_still_scores_the_others(world, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     ([], "give MODEL"),
-    (["MODEL_PLACEHOLDER", "--benchmarks", "toy", "--seeds", "3"], "--seeds > 1 needs --temperature"),
+    (["MODEL_PLACEHOLDER", "--benchmarks", "toy", "--seeds", "3", "--temperature", "0"], "--seeds > 1 needs"),
     (["MODEL_PLACEHOLDER", "--benchmarks", "nope.jsonl"], "none could be loaded"),
     (["no/such-model-here", "--benchmarks", "toy"], "no/such-model-here"),
     (["--runs", "no_such_run_dir"], "no metrics.jsonl"),
