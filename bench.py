@@ -37,6 +37,7 @@ QWEN_VOCAB = 151_936
 def run_iterations(algo, a, n, m, g, out, extra=()):
     """A few iterations of the real loop -> per-phase medians (seconds) after the first iteration."""
     argv = ["--preset", "tiny", "--cache_dir", a.cache_dir, "--tiny_warmup_small", "0", "--tiny_warmup_large", "0",
+            "--tiny_noisy_small", "0",
             "--small_model", a.small_model, "--large_model", a.large_model, "--algo", algo,
             "--max_completion_length", str(n), "--num_samples", str(m), "--group_size", str(g),
             "--batch_size", str(a.batch_size), "--max_steps", str(a.iterations + 1), "--eval_size", "0",

@@ -56,7 +56,7 @@ def based(world, tmp_path_factory):
                 data=str(root / "two.jsonl"))
 
 
-NO_WARMUP = ["--tiny_warmup_small", "0", "--tiny_warmup_large", "0"]  # the session's `world`: random weights, built in
+NO_WARMUP = ["--tiny_warmup_small", "0", "--tiny_warmup_large", "0", "--tiny_noisy_small", "0"]  # the session's `world`: random weights, built in
 # a second (the preset's warm-up takes minutes; `based` gives tests the competent models they need)
 
 
@@ -772,6 +772,19 @@ def test_the_tiny_world_is_built_once_per_setting(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(first["small"], "config.json"))  # the old entry is kept
 
 
+def test_a_broken_small_base_model_stops_the_build_and_caches_nothing(tmp_path, based, capsys):
+    """The noisy warm-up phase can wipe out the small model's addition on some builds: the build checks its greedy
+    accuracy and stops, before the large model's warm-up, with nothing left in the cache. 2 + 2 steps from random
+    weights stand in for a broken build; the `strong` test model, which knows its two problems, passes the check."""
+    with pytest.raises(cg.BadInput, match=r"greedy accuracy 0% on 100 held-out .* --tiny_seed 1 \(nothing was cached"):
+        cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2), noisy_steps=2)
+    assert os.listdir(tmp_path) == []
+    assert cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(0, 0), noisy_steps=2)  # nothing learnt to lose
+    rows = [json.loads(line) for line in open(based["data"])]
+    strong = cg.load_model(based["strong"], torch.float32, "cpu", False)
+    assert cg.greedy_accuracy(strong, cg.load_tokenizer(based["strong"]), rows) == 1.0
+
+
 def expected_reward(model_dir, rows, n=256):
     """Mean accuracy of n sampled completions per problem (temperature 1): the reward on the model's own rollouts."""
     tok = cg.load_tokenizer(model_dir)
@@ -1271,6 +1284,18 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(world, 
         assert "another run is writing there" in exit_2(["--resume", str(finished_run), "--max_steps", "3"], capsys)
     assert snapshot(finished_run) == before
     cg.main(["--resume", str(finished_run), "--max_steps", "3"])  # once it is over, the folder is free
+
+
+def test_a_finished_run_frees_its_folder_for_a_next_run_in_the_same_process(world, tmp_path):
+    """The grading worker forks during a run and so holds the run's lock file too: unless the run unlocks it, a
+    second run in that folder from the same process (bench.py does this) is refused as if the first still ran."""
+    if "process" in cg.GRADER:  # make the next run fork a fresh worker while it holds the lock
+        worker = cg.GRADER.pop("process")
+        worker.kill()
+        worker.join()
+    cg.main(tiny_argv(world, tmp_path / "run", "--max_steps", "1"))
+    assert cg.GRADER["process"].is_alive()
+    cg.main(tiny_argv(world, tmp_path / "run", "--max_steps", "1", "--overwrite"))
 
 
 def test_output_dir_that_is_a_checkpoint_or_a_missing_reporter_exit_2(world, finished_run, tmp_path, capsys,
