@@ -772,17 +772,33 @@ def test_the_tiny_world_is_built_once_per_setting(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(first["small"], "config.json"))  # the old entry is kept
 
 
-def test_a_broken_small_base_model_stops_the_build_and_caches_nothing(tmp_path, based, capsys):
+def test_a_small_base_model_broken_every_time_stops_the_build(tmp_path, based, monkeypatch, capsys):
     """The noisy warm-up phase can wipe out the small model's addition on some builds: the build checks its greedy
-    accuracy and stops, before the large model's warm-up, with nothing left in the cache. 2 + 2 steps from random
-    weights stand in for a broken build; the `strong` test model, which knows its two problems, passes the check."""
-    with pytest.raises(cg.BadInput, match=r"greedy accuracy 0% on 100 held-out .* --tiny_seed 1 \(nothing was cached"):
+    accuracy, builds the small model again from another initialisation, and after NOISY_TRIES broken tries stops,
+    before the large model's warm-up, with nothing cached. 2 + 2 steps from random weights stand in for a
+    broken build; the `strong` test model, which knows its two problems, passes the check."""
+    with pytest.raises(cg.BadInput, match=r"came out broken 3 times.* --tiny_seed 1, .*nothing was cached"):
         cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2), noisy_steps=2)
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [] and capsys.readouterr().out.count("the noisy warm-up broke") == 3
     assert cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(0, 0), noisy_steps=2)  # nothing learnt to lose
     rows = [json.loads(line) for line in open(based["data"])]
     strong = cg.load_model(based["strong"], torch.float32, "cpu", False)
     assert cg.greedy_accuracy(strong, cg.load_tokenizer(based["strong"]), rows) == 1.0
+
+
+def test_a_broken_small_base_model_is_built_again_from_another_initialisation(tmp_path, monkeypatch):
+    seeds, checks = [], iter([0.1, 0.9])  # the first build breaks the small model, the second does not
+    clean_warmup = cg.warmup
+
+    def warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size=64, noise=0.0, desc="warm-up"):
+        seeds.append((desc.split("(")[1].split(" ")[0], seed, noise > 0, next(model.parameters()).sum().item()))
+        return clean_warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size, noise, desc)
+    monkeypatch.setattr(cg, "warmup", warmup)
+    monkeypatch.setattr(cg, "greedy_accuracy", lambda *args: next(checks))
+    cg.build_tiny_world(str(tmp_path), seed=5, warmup_steps=(2, 2), noisy_steps=2)
+    assert [s[:3] for s in seeds] == [("small", 5, False), ("small", 6, True), ("small", 1005, False),
+                                      ("small", 1006, True), ("large", 5, False)]
+    assert seeds[0][3] != seeds[2][3]  # another initialisation
 
 
 def expected_reward(model_dir, rows, n=256):
