@@ -365,18 +365,23 @@ def plot_runs(groups, plot_dir):
     save(fig, "zero_accuracy_frac.png")
 
     fig, ax = plt.subplots(figsize=(7, 1.6 + 0.5 * len(groups)))
+    step_time_bars(ax, groups)
+    save(fig, "step_time.png")
+    return paths
+
+
+def step_time_bars(ax, groups):
+    """The mean step time of each group, as bars stacked by phase (the phases add up to the step)."""
     seconds = {p: [statistics.mean(mean_of(run, f"time/{p}") or 0.0 for run in group) for _, group in groups]
                for p in ["step"] + PHASES}
     seconds["other"] = [max(step - sum(seconds[p][i] for p in PHASES), 0.0) for i, step in enumerate(seconds["step"])]
     left = [0.0] * len(groups)
-    for phase in PHASES + ["other"]:  # stacked: the phases add up to the step
+    for phase in PHASES + ["other"]:
         ax.barh([label for label, _ in groups], seconds[phase], left=left, label=phase)
         left = [l + w for l, w in zip(left, seconds[phase])]
     ax.set(xlabel="mean seconds per iteration")
     ax.invert_yaxis()  # the first run on top, as in the table
     ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    save(fig, "step_time.png")
-    return paths
 
 
 def evaluate_runs(a):
