@@ -1019,15 +1019,18 @@ def build_tiny_world(cache_dir, seed, warmup_steps=(0, 0), noisy_steps=0):
         with open(os.path.join(tmp, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     tokenizer = build_tiny_tokenizer(train)
-    for name, steps in zip(TINY_CONFIGS, warmup_steps):
-        model = tiny_base_model(name, tokenizer, train, test[:100], steps, noisy_steps, seed)
-        if model is None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise BadInput(f"the tiny world's small base model came out broken {NOISY_TRIES} times: its noisy warm-up "
-                           f"is chaotic. Build another world with --tiny_seed {seed + 1}, or another "
-                           f"--tiny_warmup_small / --tiny_noisy_small (nothing was cached)")
-        model.save_pretrained(os.path.join(tmp, name))
-        tokenizer.save_pretrained(os.path.join(tmp, name))
+    try:
+        for name, steps in zip(TINY_CONFIGS, warmup_steps):
+            model = tiny_base_model(name, tokenizer, train, test[:100], steps, noisy_steps, seed)
+            if model is None:
+                raise BadInput(f"the tiny world's small base model came out broken {NOISY_TRIES} times: its noisy "
+                               f"warm-up is chaotic. Build another world with --tiny_seed {seed + 1}, or another "
+                               f"--tiny_warmup_small / --tiny_noisy_small (nothing was cached)")
+            model.save_pretrained(os.path.join(tmp, name))
+            tokenizer.save_pretrained(os.path.join(tmp, name))
+    except BaseException:  # broken, interrupted (Ctrl-C) or failed: leave nothing half-built in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     open(os.path.join(tmp, "DONE"), "w").close()
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)

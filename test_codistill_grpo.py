@@ -786,6 +786,15 @@ def test_a_small_base_model_broken_every_time_stops_the_build(tmp_path, based, m
     assert cg.greedy_accuracy(strong, cg.load_tokenizer(based["strong"]), rows) == 1.0
 
 
+def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    def ctrl_c(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cg, "warmup", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_broken_small_base_model_is_built_again_from_another_initialisation(tmp_path, monkeypatch):
     seeds, checks = [], iter([0.1, 0.9])  # the first build breaks the small model, the second does not
     clean_warmup = cg.warmup
