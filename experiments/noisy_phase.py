@@ -11,7 +11,7 @@ phase changed:
 
 The rest goes to base_models.py (e.g. --tiny_warmup_small 440 --tiny_noisy_small 270 --tiny_warmup_large 0
 --prompts 200 --json F; with --tiny_warmup_large 0 the KD table is meaningless, the small model's figures are not).
-The world's size check is skipped here, so that broken builds can be measured.
+The build's check of its small model (and its rebuilds) is off here, so that broken builds can be measured.
 """
 import argparse
 import os
