@@ -2,16 +2,15 @@
 bench.py: how much a CoDistill iteration costs against a GRPO iteration of the large model, and what the lean
 parts of codistill_grpo.py (chunked log-probs, rollouts) cost against the naive ways. A benchmark, not a test.
 
-    python bench.py                                   # the tiny pair on CPU: N = 16, 64, 256
+    python bench.py                                   # a random pair on CPU: N = 16, 64, 256
     python bench.py --lengths 64,256,1024 --json bench.json --plot bench_ratio.png
     python bench.py --small_model Qwen/Qwen2.5-Math-1.5B --large_model Qwen/Qwen2.5-Math-7B --lengths 512,3072
 
 1. Step time: `codistill_grpo.py` itself runs a few iterations of CoDistill (the small model generates, M = G, and
    M = 14, G = 8 as in the paper) and of GRPO on the large model (G samples of its own), on the same prompts, and
-   the per-phase times of its metrics.jsonl are compared (median after the first iteration). The tiny models are
-   taken with random weights: they rarely stop early, so completions run to nearly N tokens (the measured mean
-   length is printed; at N = 256 the prompt + completion pass the tiny models' 256 positions, which RoPE computes
-   all the same and which does not change the timing).
+   the per-phase times of its metrics.jsonl are compared (median after the first iteration). By default the pair
+   is two random-weight Qwen2 models 8 times apart in size (PAIR; the tiny world's tokenizer and problems): they
+   rarely stop early, so completions run to nearly N tokens (the measured mean length is printed).
 2. Log-prob memory: `token_logprobs` (chunked) against a full log_softmax + gather, at Qwen's vocabulary size, each
    in its own process, whose peak resident memory is reset before the call and read after it (Linux /proc).
 3. Rollout overhead: `sample` against a bare `model.generate` on the same model and batch.
@@ -34,11 +33,40 @@ import codistill_grpo as cg
 QWEN_VOCAB = 151_936
 
 
+PAIR = {  # random-weight Qwen2 models 8 times apart in size (0.5M and 4M parameters), as a 0.5B / 4B pair would be
+    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "large": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4),
+}
+
+
+def random_pair(cache_dir):
+    """The bench's pair, built once under cache_dir with the tiny world's tokenizer and problems (the prompts):
+    random weights rarely emit EOS, so completions run to nearly N tokens -> paths {small, large, train}."""
+    import tiny_world
+    world = tiny_world.build(cache_dir, 0, steps=dict(small=0, large=0), verbose=False)
+    root = os.path.join(cache_dir, "bench-pair-v1")
+    paths = dict(small=os.path.join(root, "small"), large=os.path.join(root, "large"), train=world["train"])
+    if not os.path.exists(os.path.join(root, "DONE")):
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        tok = cg.load_tokenizer(world["small"])
+        for name, config in PAIR.items():
+            torch.manual_seed(0)
+            config = Qwen2Config(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True,
+                                 bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, **config)
+            model = Qwen2ForCausalLM(config)
+            model.save_pretrained(paths[name])
+            tok.save_pretrained(paths[name])
+        open(os.path.join(root, "DONE"), "w").close()
+    return paths
+
+
 def run_iterations(algo, a, n, m, g, out, extra=()):
     """A few iterations of the real loop -> per-phase medians (seconds) after the first iteration."""
-    argv = ["--preset", "tiny", "--cache_dir", a.cache_dir, "--tiny_warmup_small", "0", "--tiny_warmup_large", "0",
-            "--tiny_noisy_small", "0",
-            "--small_model", a.small_model, "--large_model", a.large_model, "--algo", algo,
+    argv = ["--preset", "tiny", "--small_model", a.small_model, "--large_model", a.large_model, "--algo", algo,
+            "--dataset", a.dataset, "--eval_dataset", a.dataset, "--cache_dir", a.cache_dir,
             "--max_completion_length", str(n), "--num_samples", str(m), "--group_size", str(g),
             "--batch_size", str(a.batch_size), "--max_steps", str(a.iterations + 1), "--eval_size", "0",
             "--save_every", "0", "--keep_checkpoints", "1", "--output_dir", out, "--overwrite",
@@ -173,9 +201,9 @@ def main(argv=None):
     p.add_argument("--lengths", default="16,64,256", help="completion lengths N to time (default: %(default)s)")
     p.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (default: 3)")
     p.add_argument("--batch_size", type=int, default=8, help="B, prompts per iteration (default: 8)")
-    p.add_argument("--small_model", default="tiny:small", help="small model (default: the tiny world's, random)")
-    p.add_argument("--large_model", default="tiny:large", help="large model (default: the tiny world's, random)")
-    p.add_argument("--cache_dir", default=cg.Args.cache_dir, help="where the tiny world is built")
+    p.add_argument("--small_model", default="small", help="small model (default: small, of a random pair, PAIR)")
+    p.add_argument("--large_model", default="large", help="large model (default: large, of a random pair, PAIR)")
+    p.add_argument("--cache_dir", default=cg.Args.cache_dir, help="where the random pair is built")
     p.add_argument("--logprob_seqs", type=int, default=16, help="sequences in the log-prob comparison (default 16)")
     p.add_argument("--logprob_len", type=int, default=512, help="tokens per sequence there (default 512)")
     p.add_argument("--micro_batch_size", type=int, default=32, help="sequences per forward/backward (default 32)")
@@ -185,10 +213,18 @@ def main(argv=None):
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--plot", help="also draw the step-time ratio against N to this PNG")
     a = p.parse_args(argv)
-    a.lengths = [int(x) for x in a.lengths.split(",")]
-    world = cg.build_tiny_world(a.cache_dir, 0)
-    a.small_model, a.large_model = [world[m[5:]] if m.startswith("tiny:") else m for m in (a.small_model, a.large_model)]
-    parts = a.parts.split(",")
+    try:
+        measure(a, check_args(a))
+    except cg.BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def measure(a, parts):
+    """Each part asked for, its report, and the figures written."""
+    pair = random_pair(a.cache_dir)
+    a.dataset = pair["train"]
+    a.small_model, a.large_model = [pair[m] if m in ("small", "large") else m for m in (a.small_model, a.large_model)]
     steps = step_times(a) if "steps" in parts else {}
     logprobs = logprob_memory(a) if "logprobs" in parts else None
     rollouts = rollout_overhead(a) if "rollouts" in parts else None
@@ -210,6 +246,37 @@ def main(argv=None):
             json.dump(figures, f, indent=1)
     if a.plot:
         plot(figures, a.plot)
+
+
+PARTS = ["steps", "logprobs", "rollouts"]
+
+
+def check_args(a):
+    """Bad flags and output paths, refused before anything is measured (a bench takes minutes, 25 on a GPU at
+    N = 3072) -> the parts to measure."""
+    try:
+        a.lengths = [int(x) for x in a.lengths.split(",")]
+    except ValueError:
+        raise cg.BadInput(f"--lengths {a.lengths}: comma-separated whole numbers expected") from None
+    parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown or not parts:
+        raise cg.BadInput(f"--parts {a.parts}: choose from {', '.join(PARTS)}")
+    for name in ["iterations", "batch_size", "logprob_seqs", "logprob_len", "micro_batch_size"]:
+        if getattr(a, name) < 1:
+            raise cg.BadInput(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if min(a.lengths) < 1:
+        raise cg.BadInput(f"--lengths must be >= 1, got {min(a.lengths)}")
+    try:
+        os.makedirs(a.cache_dir, exist_ok=True)
+    except OSError as e:
+        raise cg.BadInput(f"--cache_dir {a.cache_dir}: not a folder it can write ({e.strerror})") from None
+    for flag in ["json", "plot"]:
+        path = getattr(a, flag)
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and (os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+            raise cg.BadInput(f"--{flag} {path}: cannot write a file there")
+    return parts
 
 
 def plot(figures, path):

@@ -52,7 +52,8 @@ PHASES = ["generate", "reward", "score", "update_small", "update_large"]  # time
 def load_benchmark(name):
     """-> rows [{'problem', 'answer'}]; cg.BadInput with a one-line message when it cannot be loaded."""
     if name == "toy":
-        return cg.tiny_problems(0)[1]  # seed 0: the tiny preset's default
+        import tiny_world
+        return tiny_world.problems(0)[1]  # seed 0: the tiny preset's default
     if name in BENCHMARKS:
         return cg.load_problems(BENCHMARKS[name][1], "test")
     if name.endswith((".json", ".jsonl")) and not os.path.isfile(name):
@@ -60,11 +61,14 @@ def load_benchmark(name):
     return cg.load_problems(name, "test")  # a local file, or another hub id with 'problem' and 'answer'
 
 
-def model_path(name):
+def model_path(name, cache_dir=cg.Args.cache_dir):
     """'tiny:small' and 'tiny:large' are the tiny preset's base models (built and cached on first use)."""
     if not name.startswith("tiny:"):
         return name
-    return cg.resolve_tiny(cg.parse_args(["--preset", "tiny", "--small_model", name])).small_model
+    if name not in ("tiny:small", "tiny:large"):
+        raise cg.BadInput(f"MODEL {name}: the tiny world's models are tiny:small and tiny:large")
+    import tiny_world
+    return tiny_world.resolve(cg.parse_args(["--preset", "tiny", "--small_model", name, "--cache_dir", cache_dir])).small_model
 
 
 def title_of(name):
@@ -76,13 +80,19 @@ def title_of(name):
 
 
 def read_args(folder):
-    """The arguments a training run recorded in folder/args.json (RUN/ or RUN/checkpoint-K/), or {}."""
+    """The arguments a training run recorded in folder/args.json (RUN/ or RUN/checkpoint-K/), or {} when there is none
+    (or it is still being written); cg.BadInput naming it when it is not the trainer's (a wrong type, not an object)."""
     path = os.path.join(folder, "args.json")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):  # none, or a run that is still writing it
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError):
         return {}
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise cg.BadInput(f"{path}: cannot be read ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise cg.BadInput(f"{path}: not the arguments of a training run")
+    return {**saved, **cg.checked_args(saved, path, complete=False)}
 
 
 def trained_args(model):
@@ -171,11 +181,11 @@ def load_benchmarks(names, limit):
 def evaluate_models(a):
     """Score every MODEL on every benchmark -> (table text, JSON-able results, names of missing benchmarks)."""
     names = [b.strip() for b in a.benchmarks.split(",") if b.strip()]
-    if len(set(a.models)) < len(a.models):
-        raise cg.BadInput(f"a MODEL is given twice: {' '.join(a.models)}")
+    if len({os.path.normpath(m) for m in a.models}) < len(a.models) or len(set(names)) < len(names):
+        raise cg.BadInput(f"a MODEL or a benchmark is given twice: {' '.join(a.models)} --benchmarks {a.benchmarks}")
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    paths = {m: model_path(m) for m in a.models}
+    paths = {m: model_path(m, a.cache_dir) for m in a.models}
     tokenizers = {m: cg.load_tokenizer(paths[m]) for m in a.models}  # bad model names fail before any work
     problems = load_benchmarks(names, a.limit)
     if not problems:
@@ -280,14 +290,15 @@ def runs_table(summaries):
 
 
 def group_runs(runs):
-    """Runs whose arguments differ only in --seed (and folder) -> [(label, [runs])], in first-seen order. A path
-    holding the run's own seed as a folder (CT from runs/cmp/codistill-a1/SEED/checkpoint-100/large) counts as the
-    same path. A group of several seeds is named after the folder holding them: runs/cmp/ct/{1,2,3} -> ct."""
+    """Runs whose arguments differ only in --seed, the folder and what a resumed run may change without changing
+    the run (cg.RESUMABLE: length, cadence, memory knobs) -> [(label, [runs])], in first-seen order. A path holding
+    the run's own seed as a folder (CT from runs/cmp/codistill-a1/SEED/checkpoint-100/large) counts as the same
+    path. A group of several seeds is named after the folder holding them: runs/cmp/ct/{1,2,3} -> ct."""
     groups = {}
     for r in runs:
         seed_dir = f"/{r['args'].get('seed')}/"
         same = {k: v.replace(seed_dir, "/SEED/") if isinstance(v, str) else v for k, v in r["args"].items()
-                if k not in ("seed", "output_dir", "overwrite", "resume")}
+                if k not in cg.RESUMABLE | {"seed"}}
         groups.setdefault(json.dumps(same, sort_keys=True) if same else r["dir"], []).append(r)
     return [(os.path.basename(os.path.dirname(os.path.normpath(g[0]["dir"]))) if len(g) > 1 else g[0]["label"], g)
             for g in groups.values()]
@@ -385,6 +396,11 @@ def step_time_bars(ax, groups):
 
 
 def evaluate_runs(a):
+    seen = {}
+    for d in a.runs:  # a run given twice would count as two seeds
+        if os.path.realpath(d) in seen:
+            raise cg.BadInput(f"--runs: {d} is the same run as {seen[os.path.realpath(d)]}")
+        seen[os.path.realpath(d)] = d
     runs = [load_run(d) for d in a.runs]
     labels = [r["label"] for r in runs]
     for r in runs:  # two runs with the same settings are told apart by their folder
@@ -394,6 +410,10 @@ def evaluate_runs(a):
     table = runs_table(summaries)
     if any(len(g) > 1 for _, g in groups):  # several seeds: Tables 1 and 2 over them
         table += "".join(f"\n\n{seeds_table(groups, m)}" for m in ["small", "large"])
+    elif len(runs) > 1:
+        table += ("\n\nNo tables over seeds: no two of these runs differ only in --seed (and in what a resumed run "
+                  "may change).")
+    print(table)  # before the plots: a failure there loses no figure
     return table, summaries, plot_runs(groups, a.plot_dir)
 
 
@@ -422,6 +442,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the table rows and the per-problem results to this JSON file")
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR", help="training runs to summarize and plot")
     p.add_argument("--plot_dir", default="plots", help="where the --runs PNGs go (default: %(default)s)")
+    p.add_argument("--cache_dir", default=cg.Args.cache_dir, help="where tiny:small / tiny:large are built and cached "
+                   "(default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -438,8 +460,16 @@ def check_args(a):
         folder = os.path.dirname(os.path.abspath(a.out))
         if os.path.isdir(a.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise cg.BadInput(f"--out {a.out}: cannot write a file there")
+    if a.out and any(os.path.exists(b) and os.path.samefile(a.out, b) for b in a.benchmarks.split(",")
+                     if os.path.exists(a.out)):
+        raise cg.BadInput(f"--out {a.out} is one of the --benchmarks: it would be overwritten")
     if a.runs and os.path.exists(a.plot_dir) and not os.path.isdir(a.plot_dir):
         raise cg.BadInput(f"--plot_dir {a.plot_dir}: a file is in the way")
+    parent = os.path.abspath(a.plot_dir)
+    while not os.path.exists(parent):  # the plots must have somewhere to go before the runs are read
+        parent = os.path.dirname(parent)
+    if a.runs and (not os.path.isdir(parent) or not os.access(parent, os.W_OK)):
+        raise cg.BadInput(f"--plot_dir {a.plot_dir}: cannot be written ({parent} is not a folder it can write in)")
 
 
 def write_json(path, obj):
@@ -456,7 +486,7 @@ def main(argv=None):
         out, missing = {}, []
         if a.runs:
             table, out["runs"], plots = evaluate_runs(a)
-            print(table + "\n\nplots: " + ", ".join(plots))
+            print("\nplots: " + ", ".join(plots))
         if a.models:
             table, out["models"], missing = evaluate_models(a)
             print(table)

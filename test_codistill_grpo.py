@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline: a hu
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import time
@@ -20,14 +21,16 @@ import torch
 
 import codistill_grpo as cg
 import eval as ev
+import tiny_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
+    """The tiny world with random weights (built in a second; the preset's warm-ups take minutes)."""
     cache = str(tmp_path_factory.mktemp("cache"))
-    return dict(cache=cache, **cg.build_tiny_world(cache, seed=0))
+    return dict(cache=cache, **tiny_world.build(cache, seed=0, steps=dict(small=0, large=0)))
 
 
 @pytest.fixture(scope="session")
@@ -40,36 +43,44 @@ def tiny(world):
 
 @pytest.fixture(scope="session")
 def based(world, tmp_path_factory):
-    """Tiny base models that know 2 problems partly (about 40% of samples right, each): random weights get no reward
-    at all, and then no GRPO advantage and no update either."""
+    """Tiny base models that know 2 problems partly (both models right on some samples and wrong on others, so
+    that rewards are mixed and both models learn): random weights get no reward at all, and then no GRPO advantage
+    and no update either. strong: a large model that is right on nearly every sample."""
     from transformers import AutoModelForCausalLM
     root = tmp_path_factory.mktemp("based")
     tok = cg.load_tokenizer(world["small"])
     rows = [json.loads(l) for l in open(world["train"])][:2]
     (root / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for name, steps in [("small", 25), ("large", 38), ("strong", 45)]:  # strong: a large model that is right 99%
+    for name, target in [("small", 0.3), ("large", 0.45), ("strong", 0.97)]:
         model = AutoModelForCausalLM.from_pretrained(world["small" if name == "small" else "large"], dtype=torch.float32)
-        cg.warmup(model, tok, rows, "boxed", steps, 2e-3, seed=0, batch_size=8)
+        for steps in range(5, 200, 5):  # until the model is right that often (a few steps more or less on another CPU)
+            tiny_world.warmup(model, tok, rows, 5, 2e-3, seed=steps, batch_size=8, decay=False)
+            if sampled_accuracy(model, tok, rows) >= target:
+                break
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return dict(world, small=str(root / "small"), large=str(root / "large"), strong=str(root / "strong"),
                 data=str(root / "two.jsonl"))
 
 
-NO_WARMUP = ["--tiny_warmup_small", "0", "--tiny_warmup_large", "0", "--tiny_noisy_small", "0"]  # the session's `world`: random weights, built in
-# a second (the preset's warm-up takes minutes; `based` gives tests the competent models they need)
+def sampled_accuracy(model, tok, rows, n=64):
+    torch.manual_seed(0)
+    texts = cg.complete(model, tok, [r["problem"] for r in rows for _ in range(n)], "boxed", 16, 64, [tok.eos_token_id],
+                        n * len(rows), temperature=1.0)
+    return statistics.mean(cg.final_answer(t, "boxed") == rows[i // n]["answer"] for i, t in enumerate(texts))
 
 
 def tiny_argv(world, out, *extra):
-    """A two-iteration run of --preset tiny, shrunk to seconds (the world may be replaced by `based`)."""
-    return ["--preset", "tiny", "--cache_dir", world["cache"], *NO_WARMUP, "--output_dir", str(out), "--max_steps", "2",
-            "--batch_size", "2", "--num_samples", "8", "--group_size", "4", "--eval_size", "4", "--eval_every", "1",
-            "--micro_batch_size", "3", *extra]
+    """A two-iteration run of --preset tiny on the given world's models and data, shrunk to seconds."""
+    return ["--preset", "tiny", "--cache_dir", world["cache"], "--small_model", world["small"], "--large_model",
+            world["large"], "--dataset", world["train"], "--eval_dataset", world["test"], "--output_dir", str(out),
+            "--max_steps", "2", "--batch_size", "2", "--num_samples", "8", "--group_size", "4", "--eval_size", "4",
+            "--eval_every", "1", "--micro_batch_size", "3", "--save_every", "0", *extra]
 
 
 def based_argv(based, out, *extra):
-    return tiny_argv(based, out, "--small_model", based["small"], "--large_model", based["large"],
-                     "--dataset", based["data"], "--eval_dataset", based["data"], *extra)
+    """A run on the `based` pair's two problems (held-out accuracy on the world's test problems)."""
+    return tiny_argv(dict(based, train=based["data"]), out, *extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,6 +93,47 @@ def test_kd_reward_eq6_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     # row 0: ((-1+2) + (-2+2)) / 4 = 0.25; row 1: (-0.5+1) / 4 = 0.125; masked tokens do not count
     assert torch.allclose(cg.kd_reward(logp_large, logp_small, mask, max_len=4), torch.tensor([0.25, 0.125]))
+
+
+def test_kd_reward_with_eq4s_estimator_by_hand():
+    """App. C, Fig. 9: -(1/N) sum_t (rho - log rho - 1), rho = pi_theta / pi_phi, over the completion's tokens."""
+    logp_large = torch.tensor([[-1.0, -2.0, -0.5], [-0.5, -3.0, -1.0]])
+    logp_small = torch.tensor([[-2.0, -2.0, -9.0], [-0.5, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # d = log rho: [1, 0, (8.5 masked)], [0, -2, 0]; rho - d - 1: [e - 2, 0], [0, e^-2 + 1, 0]
+    expected = torch.tensor([-(math.e - 2) / 4, -(math.exp(-2) + 1) / 4])
+    assert torch.allclose(cg.kd_reward_eq4(logp_large, logp_small, mask, 4), expected)
+    assert (cg.kd_reward_eq4(logp_large, logp_small, mask, 4) <= 0).all()  # a KL estimate, paid as a cost
+
+
+def test_token_advantages_add_each_tokens_log_ratio_by_hand():
+    advantages = torch.tensor([1.0, -0.5])
+    logp_large = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    logp_small = torch.tensor([[-2.0, -2.0], [-0.5, -1.0]])
+    assert torch.equal(cg.token_advantages(advantages, logp_large, logp_small, 2.0),
+                       torch.tensor([[3.0, 1.0], [-0.5, -4.5]]))  # A_i + 2 (log pi_theta - log pi_phi) at each token
+
+
+def test_policy_loss_with_eq2s_kl_term_by_hand():
+    """Eq. (2) with beta: each token's objective less beta (e^(ref - logp) - (ref - logp) - 1) (Eq. 4); at rho = 1 its
+    gradient pulls log pi towards the reference."""
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, 0.0]])  # d = ref - logp = [0, 1]: D = [0, e - 2]
+    loss = cg.policy_loss(logp, logp.detach(), torch.tensor([0.5]), torch.ones(1, 2), 4, 0.2, ref, 0.5)
+    assert loss.item() == pytest.approx(-(0.5 + 0.5 - 0.5 * (math.e - 2)) / 4)
+    loss.backward()  # d objective / d logp_2 = A rho - beta (1 - e^d) = 0.5 + 0.5 (e - 1)
+    assert logp.grad[0, 1].item() == pytest.approx(-(0.5 + 0.5 * (math.e - 1)) / 4)
+    assert logp.grad[0, 0].item() == pytest.approx(-0.5 / 4)  # d = 0: the KL term adds nothing
+    plain = cg.policy_loss(logp, logp.detach(), torch.tensor([0.5]), torch.ones(1, 2), 4, 0.2)
+    assert plain.item() == pytest.approx(-1.0 / 4)  # beta = 0: Eq. (5)
+
+
+def test_policy_loss_takes_per_token_advantages():
+    logp = torch.tensor([[-1.0, -2.0]])
+    per_token = cg.policy_loss(logp, logp, torch.tensor([[1.0, 3.0]]), torch.ones(1, 2), 4, 0.2)
+    assert per_token.item() == pytest.approx(-(1.0 + 3.0) / 4)
+    assert cg.policy_loss(logp, logp, torch.tensor([[2.0, 2.0]]), torch.ones(1, 2), 4, 0.2).item() == \
+        cg.policy_loss(logp, logp, torch.tensor([2.0]), torch.ones(1, 2), 4, 0.2).item()
 
 
 def test_downsample_keeps_top_and_bottom_half():
@@ -163,11 +215,12 @@ def test_clip_fractions_count_only_tokens_whose_gradient_the_clip_removes_by_han
     assert (low, high, region) == (pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.4))
 
 
-@pytest.mark.parametrize("algo, norm, expected", [("grpo", "auto", "length"), ("codistill", "auto", "constant"),
-                                                  ("kdrl", "auto", "constant"), ("grpo", "constant", "constant"),
-                                                  ("codistill", "length", "length")])
+@pytest.mark.parametrize("algo, norm, expected", [("grpo", "auto", None), ("codistill", "auto", 3072),
+                                                  ("kdrl", "auto", 3072), ("grpo", "constant", 3072),
+                                                  ("codistill", "length", None)])
 def test_loss_norm_defaults_to_the_papers_form_of_each_algorithm(algo, norm, expected):
-    assert cg.loss_norm(cg.Args(algo=algo, loss_norm=norm)) == expected
+    """What each sequence's token sum is divided by: N (Eq. 5, 10) or, as None, its own length (Eq. 2)."""
+    assert cg.loss_divisor(cg.Args(algo=algo, loss_norm=norm)) == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +366,7 @@ def test_an_on_policy_step_needs_no_scoring_pass(tiny):
     for scored in [True, False]:
         model = copy.deepcopy(model0)
         scorer = cg.TokenLogprobs(model)
-        old = cg.score(scorer, seqs_of(ids, pmask, comp, cmask), a)[0] if scored else None
+        old = cg.old_logprobs(scorer, seqs_of(ids, pmask, comp, cmask), a)[0] if scored else None
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         stats.append(cg.update(scorer, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                                seqs_of(ids, pmask, comp, cmask), old, torch.tensor([1.0, -1.0, 0.5, -0.5]), a))
@@ -334,12 +387,12 @@ def test_the_log_probs_an_update_keeps_are_the_models_before_its_step(tiny):
     cmask[2, 3:] = 0
     a = cg.Args(micro_batch_size=2, max_completion_length=5)
     scorer = cg.TokenLogprobs(model)
-    before = cg.score(scorer, seqs_of(ids, pmask, comp, cmask), a)[0]
+    before = cg.old_logprobs(scorer, seqs_of(ids, pmask, comp, cmask), a)[0]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     stats = cg.update(scorer, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), seqs_of(ids, pmask, comp, cmask),
                       before - 0.1, torch.tensor([1.0, -1.0, 0.5]), a, keep_logp=True)
     assert torch.allclose(stats["logp"], before, atol=1e-6)
-    assert not torch.allclose(cg.score(scorer, seqs_of(ids, pmask, comp, cmask), a)[0], before, atol=1e-3)  # it stepped
+    assert not torch.allclose(cg.old_logprobs(scorer, seqs_of(ids, pmask, comp, cmask), a)[0], before, atol=1e-3)  # it stepped
 
 
 def test_gradient_checkpointing_gives_the_same_step(world, tiny):
@@ -489,7 +542,7 @@ def test_codistill_wiring_of_old_logprobs_and_advantages(based, tmp_path, monkey
     """Both steps divide by the small model's old log-probs (Eq. (5) and Eq. (10)); the small step's advantages
     are centred per group (Eq. (7)), the large step's are centred and scaled (Eq. (3)), and they differ (KD)."""
     scores, updates = [], []
-    real_score, real_update = cg.score, cg.update
+    real_score, real_update = cg.old_logprobs, cg.update
 
     def spy_score(model, *args):
         out = real_score(model, *args)
@@ -499,7 +552,7 @@ def test_codistill_wiring_of_old_logprobs_and_advantages(based, tmp_path, monkey
     def spy_update(model, opt, sched, seqs, logp_old, advantages, a, **kw):
         updates.append((model, logp_old.clone(), advantages.clone()))
         return real_update(model, opt, sched, seqs, logp_old, advantages, a, **kw)
-    monkeypatch.setattr(cg, "score", spy_score)
+    monkeypatch.setattr(cg, "old_logprobs", spy_score)
     monkeypatch.setattr(cg, "update", spy_update)
     cg.main(based_argv(based, tmp_path, "--max_steps", "1", "--eval_size", "0", "--alpha", "2"))
     (small, logp_small_old), (large, logp_large_old) = scores
@@ -522,7 +575,7 @@ def test_with_m_equal_g_the_large_step_comes_first_and_scores_for_the_kd_reward(
     """M == G: no separate scoring pass of the large model. Its step runs first, on all rollouts, against the small
     model's old log-probs (Eq. (10)); the log-probs its forward pass kept make the KD reward of the small step."""
     scores, updates = [], []
-    real_score, real_update = cg.score, cg.update
+    real_score, real_update = cg.old_logprobs, cg.update
 
     def spy_score(model, *args):
         out = real_score(model, *args)
@@ -533,7 +586,7 @@ def test_with_m_equal_g_the_large_step_comes_first_and_scores_for_the_kd_reward(
         out = real_update(model, opt, sched, seqs, logp_old, advantages, a, **kw)
         updates.append((model, seqs["mask"], logp_old.clone(), advantages.clone(), out.get("logp"), seqs))
         return out
-    monkeypatch.setattr(cg, "score", spy_score)
+    monkeypatch.setattr(cg, "old_logprobs", spy_score)
     monkeypatch.setattr(cg, "update", spy_update)
     cg.main(based_argv(based, tmp_path, "--max_steps", "1", "--eval_size", "0", "--num_samples", "4", "--group_size",
                        "4", "--alpha", "2"))
@@ -541,7 +594,7 @@ def test_with_m_equal_g_the_large_step_comes_first_and_scores_for_the_kd_reward(
     (large, mask, old_l, adv_l, logp_large_old, seqs), (m_s, _, old_s, adv_s, _, _) = updates
     assert m_s is small and large is not small and logp_large_old is not None
     base_large = cg.TokenLogprobs(cg.load_model(based["large"], torch.float32, "cpu", False))
-    assert torch.allclose(cg.score(base_large, seqs, cg.Args())[0], logp_large_old, atol=1e-5)  # before its step
+    assert torch.allclose(cg.old_logprobs(base_large, seqs, cg.Args())[0], logp_large_old, atol=1e-5)  # before its step
     assert torch.equal(old_l, logp_small_old) and torch.equal(old_s, logp_small_old)  # all M rows, in order
     kd = cg.kd_reward(logp_large_old, logp_small_old, mask, 16)  # (B*G,)
     row = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][1]
@@ -560,14 +613,14 @@ def spy_losses(monkeypatch):
     real_update, real_loss = cg.update, cg.policy_loss
 
     def spy_update(scorer, *args, **kw):
-        current.append("small" if cg.lm_of(scorer).config.hidden_size == cg.TINY_CONFIGS["small"]["hidden_size"]
+        current.append("small" if cg.lm_of(scorer).config.hidden_size == tiny_world.CONFIGS["small"]["hidden_size"]
                        else "large")
         return real_update(scorer, *args, **kw)
 
-    def spy_loss(logp, logp_old, advantages, mask, max_len, clip_eps):
+    def spy_loss(logp, logp_old, advantages, mask, max_len, clip_eps, logp_ref=None, beta=0.0):
         calls.append(dict(model=current[-1], ratio=torch.exp(logp - logp_old).detach(), mask=mask.clone(),
-                          max_len=max_len))
-        return real_loss(logp, logp_old, advantages, mask, max_len, clip_eps)
+                          max_len=max_len, advantages=advantages.clone(), logp_ref=logp_ref, beta=beta))
+        return real_loss(logp, logp_old, advantages, mask, max_len, clip_eps, logp_ref, beta)
     monkeypatch.setattr(cg, "update", spy_update)
     monkeypatch.setattr(cg, "policy_loss", spy_loss)
     return calls
@@ -575,14 +628,15 @@ def spy_losses(monkeypatch):
 
 @pytest.mark.parametrize("hint_ratio", ["small", "large", "ignore"])
 @pytest.mark.parametrize("M", [8, 4], ids=["M>G", "M=G"])
-def test_hints_in_the_first_epoch_and_the_ratio_on_them(world, tmp_path, monkeypatch, hint_ratio, M):
+def test_hints_and_the_ratio_on_them(world, tmp_path, monkeypatch, hint_ratio, M):
     """T = 4 hint tokens from the (random) large model, which writes all 4 of them. The small model's ratio is 1 on
     its own tokens before its step, whatever --hint_ratio; on the hint tokens it is 1 with small (Eq. 5), pi_phi /
-    pi_theta_old with large (Eq. 8 i), and they leave the loss with ignore while the model still sees them. The large
-    model's ratio on its own hint tokens is 1 (--large_hint_ratio behaviour, the default)."""
+    pi_theta_old with large (Eq. 8 i), and they leave the loss with ignore while the model still sees them. With
+    --large_hint_ratio behaviour the large model's ratio on its own hint tokens is 1."""
     calls = spy_losses(monkeypatch)
     cg.main(tiny_argv(world, tmp_path, "--hint_tokens", "4", "--hint_ratio", hint_ratio, "--eval_size", "0",
-                      "--max_steps", "1", "--num_samples", str(M)))
+                      "--max_steps", "1", "--num_samples", str(M), "--hint_share", "1",
+                      "--large_hint_ratio", "behaviour"))
     row = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][1]
     assert row["small/hint_length"] == 4 and row["small/completion_length"] <= 16
     small = [c for c in calls if c["model"] == "small"]
@@ -607,10 +661,12 @@ def test_hints_in_the_first_epoch_and_the_ratio_on_them(world, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("M", [8, 4], ids=["M>G", "M=G"])
-def test_large_hint_ratio_small_is_the_literal_eq_10(world, tmp_path, monkeypatch, M):
+def test_the_large_models_ratio_on_hint_tokens_is_the_literal_eq_10_by_default(world, tmp_path, monkeypatch, M):
+    """Eq. (10) as printed: pi_theta / pi_phi_old on every token, the hints the large model wrote included."""
     calls = spy_losses(monkeypatch)
-    cg.main(tiny_argv(world, tmp_path, "--hint_tokens", "4", "--large_hint_ratio", "small", "--eval_size", "0",
-                      "--max_steps", "1", "--num_samples", str(M)))
+    cg.main(tiny_argv(world, tmp_path, "--hint_tokens", "4", "--eval_size", "0", "--max_steps", "1",
+                      "--num_samples", str(M), "--hint_share", "1"))
+    assert cg.parse_args([]).large_hint_ratio == "small"
     large = [c for c in calls if c["model"] == "large"]
     assert large and all((c["ratio"][:, :4] - 1).abs().max() > 1e-2 for c in large)  # pi_theta / pi_phi_old
 
@@ -763,51 +819,78 @@ def test_preset_sets_defaults_and_flags_override():
 
 
 def test_the_tiny_world_is_built_once_per_setting(tmp_path, monkeypatch):
-    first = cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2))
+    first = tiny_world.build(str(tmp_path), seed=0, steps=dict(small=2, large=2))
     calls = []
-    monkeypatch.setattr(cg, "warmup", lambda model, *args, **kw: calls.append(1) or model)
-    assert cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2)) == first and calls == []  # cached
-    other = cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 3))  # a changed setting: a new entry
+    monkeypatch.setattr(tiny_world, "warmup", lambda model, *args, **kw: calls.append(1) or model)
+    assert tiny_world.build(str(tmp_path), seed=0, steps=dict(small=2, large=2)) == first and calls == []  # cached
+    other = tiny_world.build(str(tmp_path), seed=0, steps=dict(small=2, large=3))  # a changed setting: a new entry
     assert other["small"] != first["small"] and calls == [1, 1]
     assert os.path.exists(os.path.join(first["small"], "config.json"))  # the old entry is kept
 
 
-def test_a_small_base_model_broken_every_time_stops_the_build(tmp_path, based, monkeypatch, capsys):
-    """The noisy warm-up phase can wipe out the small model's addition on some builds: the build checks its greedy
-    accuracy, builds the small model again from another initialisation, and after NOISY_TRIES broken tries stops,
-    before the large model's warm-up, with nothing cached. 2 + 2 steps from random weights stand in for a
-    broken build; the `strong` test model, which knows its two problems, passes the check."""
-    with pytest.raises(cg.BadInput, match=r"came out broken 3 times.* --tiny_seed 1, .*nothing was cached"):
-        cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2), noisy_steps=2)
-    assert os.listdir(tmp_path) == [] and capsys.readouterr().out.count("the noisy warm-up broke") == 3
-    assert cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(0, 0), noisy_steps=2)  # nothing learnt to lose
-    rows = [json.loads(line) for line in open(based["data"])]
-    strong = cg.load_model(based["strong"], torch.float32, "cpu", False)
-    assert cg.greedy_accuracy(strong, cg.load_tokenizer(based["strong"]), rows) == 1.0
+def test_the_tiny_worlds_problems_have_no_carries_and_its_warm_up_decays_to_zero(world):
+    train, test = tiny_world.problems(0)
+    assert len(train) == 10_000 and len(test) == 500 and not {r["problem"] for r in train} & {r["problem"] for r in test}
+    for r in train[:200]:
+        x, y = r["problem"].removeprefix("What is ").split(" + ")
+        assert len(x) == len(y) == 4 and r["answer"] == str(int(x) + int(y))
+        assert all(int(a) + int(b) <= 9 for a, b in zip(x, y))  # each answer digit: the sum of the two above it
+    tok = cg.load_tokenizer(world["small"])
+    model = cg.load_model(world["small"], torch.float32, "cpu", False)
+    lrs = []
+    real_step = torch.optim.AdamW.step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", lambda opt, *a, **k: lrs.append(opt.param_groups[0]["lr"]) or
+                   real_step(opt, *a, **k))
+        tiny_world.warmup(model, tok, train[:50], 40, 1e-3, seed=0, batch_size=4)
+    assert lrs[0] == pytest.approx(1e-3 / 2) and max(lrs) == pytest.approx(1e-3)  # 5% ramp: 2 steps
+    assert lrs[-1] < 1e-3 * 0.01 and lrs == lrs[:2] + sorted(lrs[2:], reverse=True)  # cosine down to ~0
+
+
+def test_the_warm_up_reaches_its_fixed_point_the_spread_targets(world):
+    """Soft targets with spread s: at the optimum each answer digit is right with probability 1 - 0.9 s and each
+    other digit has s / 10 (the world's base models are built to sit there). One problem, trained to convergence."""
+    tok = cg.load_tokenizer(world["small"])
+    model = cg.load_model(world["small"], torch.float32, "cpu", False)
+    row = {"problem": "What is 3066 + 3630", "answer": "6696"}
+    tiny_world.warmup(model, tok, [row], 300, 3e-3, seed=0, batch_size=8, spread=0.5)
+    text = cg.TEMPLATES["boxed"].format(prompt=row["problem"]) + " \\boxed{"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        p = model(ids).logits[0, -1].softmax(-1)
+    digits = tok.convert_tokens_to_ids(list("0123456789"))
+    assert p[digits[6]].item() == pytest.approx(0.55, abs=0.03)
+    assert all(p[d].item() == pytest.approx(0.05, abs=0.02) for d in digits if d != digits[6])
 
 
 def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
     def ctrl_c(*args, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cg, "warmup", ctrl_c)
+    monkeypatch.setattr(tiny_world, "warmup", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        cg.build_tiny_world(str(tmp_path), seed=0, warmup_steps=(2, 2))
+        tiny_world.build(str(tmp_path), seed=0, steps=dict(small=2, large=2))
     assert os.listdir(tmp_path) == []
 
 
-def test_a_broken_small_base_model_is_built_again_from_another_initialisation(tmp_path, monkeypatch):
-    seeds, checks = [], iter([0.1, 0.9])  # the first build breaks the small model, the second does not
-    clean_warmup = cg.warmup
-
-    def warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size=64, noise=0.0, desc="warm-up"):
-        seeds.append((desc.split("(")[1].split(" ")[0], seed, noise > 0, next(model.parameters()).sum().item()))
-        return clean_warmup(model, tokenizer, rows, template, steps, lr, seed, batch_size, noise, desc)
-    monkeypatch.setattr(cg, "warmup", warmup)
-    monkeypatch.setattr(cg, "greedy_accuracy", lambda *args: next(checks))
-    cg.build_tiny_world(str(tmp_path), seed=5, warmup_steps=(2, 2), noisy_steps=2)
-    assert [s[:3] for s in seeds] == [("small", 5, False), ("small", 6, True), ("small", 1005, False),
-                                      ("small", 1006, True), ("large", 5, False)]
-    assert seeds[0][3] != seeds[2][3]  # another initialisation
+def test_a_killed_build_is_cleaned_up_and_a_damaged_world_built_again(tmp_path, capsys):
+    """SIGKILL leaves a build's temporary folder behind: the next build removes it when its process is gone. A
+    cached world with a file missing or cut short is built again, with a line saying so."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"tiny-0123456789.tmp{dead.pid}").mkdir()
+    (tmp_path / f"tiny-0123456789.tmp{os.getpid()}").mkdir()  # a live process's build stays
+    paths = tiny_world.build(str(tmp_path), seed=0, steps=dict(small=0, large=0))
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(os.path.dirname(paths["small"])),
+                                                   f"tiny-0123456789.tmp{os.getpid()}"])
+    weights = os.path.join(paths["large"], "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    assert tiny_world.build(str(tmp_path), seed=0, steps=dict(small=0, large=0)) == paths
+    assert "is damaged (large/model.safetensors" in capsys.readouterr().out
+    assert tiny_world.damaged(paths) is None
+    os.remove(os.path.join(paths["small"], "tokenizer.json"))
+    tiny_world.build(str(tmp_path), seed=0, steps=dict(small=0, large=0))
+    assert "is damaged (no small/tokenizer.json)" in capsys.readouterr().out
 
 
 def expected_reward(model_dir, rows, n=256):
@@ -830,6 +913,120 @@ def test_a_short_tiny_run_raises_the_small_models_reward(based, tmp_path):
     rows = [json.loads(l) for l in open(based["data"])]
     before, after = expected_reward(based["small"], rows), expected_reward(str(out / "checkpoint-24" / "small"), rows)
     assert after > before + 0.02, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper as written: fp32 masters, hints early, the baselines' defaults, the forms of the KD signal
+
+
+def test_bf16_compute_keeps_fp32_masters_and_a_tiny_step_moves_every_weight(based, tmp_path, monkeypatch):
+    """--dtype bfloat16 computes in bf16, but the weights and AdamW states stay fp32: one step at lr 1e-7 changes
+    essentially every weight that had a gradient (stepping bf16 weights, about 0.1% did), and the checkpoint holds
+    exactly what the masters hold."""
+    seen, grads = {}, {}
+    real_train, real_step = cg.train, torch.optim.AdamW.step
+
+    def spy_train(a):
+        seen["models"] = real_train(a)
+        return seen["models"]
+
+    def spy_step(opt, *args, **kw):  # which weights had a gradient, and their dtype, as the optimizer saw them
+        for group in opt.param_groups:
+            for p in group["params"]:
+                grads[id(p)] = (p.dtype, None if p.grad is None else (p.grad != 0).clone(), p.detach().clone())
+        return real_step(opt, *args, **kw)
+    monkeypatch.setattr(cg, "train", spy_train)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    cg.main(based_argv(based, tmp_path, "--algo", "grpo", "--dtype", "bfloat16", "--lr_small", "1e-7", "--max_steps",
+                       "1", "--eval_size", "0", "--num_samples", "8"))
+    model = seen["models"]["small"]
+    had, moved = 0, 0
+    for p in model.parameters():
+        dtype, nonzero, before = grads[id(p)]
+        assert dtype == torch.float32 and nonzero is not None
+        had += nonzero.sum().item()
+        moved += ((p.detach() != before) & nonzero).sum().item()
+    assert had > 0.5 * sum(p.numel() for p in model.parameters()) and moved > 0.99 * had, (had, moved)
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "checkpoint-1" / "policy" / "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert saved[name].dtype == torch.float32 and torch.equal(saved[name], tensor), name
+
+
+def test_hints_last_for_their_share_of_the_planned_run(based, tmp_path):
+    """Hints (T > 0) in the first --hint_share of the iterations: by default 1/8, the paper's first epoch of 8."""
+    def hinted(out, *flags):
+        cg.main(based_argv(based, out, "--hint_tokens", "3", "--eval_size", "0", *flags))
+        return [r["iteration"] for r in map(json.loads, open(out / "metrics.jsonl")) if "small/hint_length" in r]
+    assert hinted(tmp_path / "a", "--max_steps", "8") == [1]
+    assert hinted(tmp_path / "b", "--max_steps", "4", "--hint_share", "0.5") == [1, 2]
+    assert hinted(tmp_path / "c", "--max_steps", "2", "--hint_share", "0") == []
+    paper = cg.parse_args([])
+    assert paper.hint_share * paper.epochs == 1  # the first epoch
+    llama = cg.parse_args(["--preset", "paper-llama"])
+    assert llama.hint_share * llama.epochs == 1
+
+
+def test_grpo_samples_g_unless_told_otherwise():
+    """Sec. 4: "For GRPO, we generate and update using only G = 8 rollouts"; M > G is an explicit control."""
+    assert (cg.parse_args(["--algo", "grpo"]).num_samples, cg.parse_args(["--algo", "grpo"]).group_size) == (8, 8)
+    tiny = cg.parse_args(["--preset", "tiny", "--algo", "grpo"])
+    assert tiny.num_samples == tiny.group_size == 4
+    assert cg.parse_args(["--preset", "tiny", "--algo", "grpo", "--group_size", "2"]).num_samples == 2
+    control = cg.parse_args(["--preset", "tiny", "--algo", "grpo", "--num_samples", "8"])
+    assert (control.num_samples, control.group_size) == (8, 4)
+    assert cg.parse_args(["--algo", "codistill"]).num_samples == 14  # Table 3
+
+
+def test_kdrl_says_when_its_teacher_never_had_grpo(based, tmp_path, capsys):
+    cg.main(based_argv(based, tmp_path / "a", "--algo", "kdrl", "--max_steps", "1", "--eval_size", "0"))
+    assert "freezes a large model that first had GRPO" in capsys.readouterr().out
+    cg.main(based_argv(based, tmp_path / "teacher", "--algo", "grpo", "--policy", "large", "--max_steps", "1",
+                       "--eval_size", "0"))
+    cg.main(based_argv(based, tmp_path / "b", "--algo", "kdrl", "--max_steps", "1", "--eval_size", "0",
+                       "--large_model", str(tmp_path / "teacher" / "checkpoint-1" / "policy")))
+    assert "freezes a large model that first had GRPO" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form", ["reward", "reward_eq4", "loss", "token"])
+def test_each_form_of_the_kd_signal_reaches_the_small_step(based, tmp_path, monkeypatch, form):
+    """--kd_form: Eq. (6) in the reward (the paper), Eq. (4)'s estimator in the reward (Fig. 9), Eq. (2)'s KL term in
+    the loss with pi_ref = pi_theta_old (Sec. 3.1), or each token's log-ratio in its advantage. rollouts.jsonl holds
+    r, the KD term, r~ and A~ of each completion and its per-token log-ratios: recompute each form from them."""
+    calls = spy_losses(monkeypatch)
+    cg.main(based_argv(based, tmp_path, "--kd_form", form, "--eval_size", "0", "--alpha", "2"))
+    rows = [json.loads(l) for l in open(tmp_path / "rollouts.jsonl")]
+    assert {r["kd_form"] for r in rows} == {form} and [r["iteration"] for r in rows] == [1, 1, 2, 2]
+    for row in rows:
+        for c in row["completions"]:
+            d = torch.tensor(c["kd_tokens"])
+            assert len(c["tokens"]) == len(d) > 0
+            eq6, eq4 = d.sum().item() / 16, -(d.exp() - d - 1).sum().item() / 16
+            assert c["kd"] == pytest.approx(eq4 if form == "reward_eq4" else eq6, abs=1e-3)
+            assert c["r_kd"] == pytest.approx(c["r"] + 2 * c["kd"], abs=1e-5)  # ranks the M (Sec. 3.3)
+        kept = [c for c in row["completions"] if c["kept"]]
+        paid = [c["r_kd"] if form in ("reward", "reward_eq4") else c["r"] for c in kept]  # what A~ centres
+        assert [c["A_kd"] for c in kept] == pytest.approx([x - sum(paid) / len(paid) for x in paid], abs=1e-5)
+    small = [c for c in calls if c["model"] == "small"]
+    assert len(small) == 2 * 3  # 2 iterations, B*G = 8 rollouts in micro-batches of 3
+    for c in small:
+        assert c["beta"] == (2.0 if form == "loss" else 0.0) and (c["logp_ref"] is not None) == (form == "loss")
+        assert c["advantages"].dim() == (2 if form == "token" else 1)
+    large = [c for c in calls if c["model"] == "large"]
+    assert large and all(c["beta"] == 0.0 and c["advantages"].dim() == 1 for c in large)  # its step is the same
+
+
+def test_token_level_advantages_are_the_sequences_plus_each_tokens_log_ratio(based, tmp_path, monkeypatch):
+    calls = spy_losses(monkeypatch)
+    cg.main(based_argv(based, tmp_path, "--kd_form", "token", "--eval_size", "0", "--max_steps", "1",
+                       "--micro_batch_size", "8", "--alpha", "2"))
+    [small] = [c for c in calls if c["model"] == "small"]
+    [row, _] = [json.loads(l) for l in open(tmp_path / "rollouts.jsonl")]  # the first prompt's M = 8 completions
+    expected = [[c["A_kd"] + 2 * d for d in c["kd_tokens"]] for c in row["completions"] if c["kept"]]
+    A, mask = small["advantages"][:4], small["mask"][:4].bool()  # (G, L): the first prompt's kept rollouts
+    for got in (a[m].tolist() for a, m in zip(A, mask)):  # in some order: match each to one of the expected
+        assert any(len(e) == len(got) and all(abs(x - y) < 1e-3 for x, y in zip(e, got)) for e in expected), got
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -861,7 +1058,15 @@ def no_models(monkeypatch):
     (["--max_completion_length", "0"], "--max_completion_length must be > 0"),
     (["--dist_timeout", "0"], "--dist_timeout must be > 0"),
     (["--eval_temperature", "-1"], "--eval_temperature must be >= 0"),
-    (["--cache_dir", "/dev/null/x"], "--cache_dir"),
+    (["--cache_dir", "/dev/null/x", "--small_model", "tiny:small"], "--cache_dir"),
+    # finite, but beyond what a run can take: each used to fail mid-run, after --overwrite had deleted the old run
+    (["--seed", str(10**18)], "--seed 1,000,000,000,000,000,000: must be at most 2,147,483,647 in size"),
+    (["--grade_timeout", "1e10"], "--grade_timeout 1e+10: must be at most 86400"),
+    (["--num_samples", str(10**20)], "--num_samples"),
+    (["--temperature", "1e-300"], "--temperature 1e-300: must be between 0.001 and 1000"),
+    (["--eval_temperature", "1e-300"], "--eval_temperature"),
+    (["--lr_small", "1e300"], "--lr_small 1e+300: must be at most 1"),
+    (["--batch_size", "100000", "--num_samples", "1000"], "rollouts per rank: at most 16777216"),
 ])
 def test_bad_settings_exit_2(world, tmp_path, capsys, no_models, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -913,56 +1118,24 @@ def test_command_line_exit_status_and_help():
 # Never lose a run: exact resume, atomic checkpoints
 
 
-def rows_without_timings(path):
-    rows = [json.loads(l) for l in open(path)]
-    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
-
-
-# Five fixed 3-iteration runs whose metrics.jsonl rows (all but the timings) were recorded before a refactor of the
-# loop: a refactor must reproduce them. Re-record only when numbers change on purpose, and say so in the commit:
-#     CODISTILL_RECORD=1 python -m pytest -q test_codistill_grpo.py -k reference
-REFERENCE = os.path.join(HERE, "experiments", "reference_metrics.json")
-REFERENCE_RUNS = {
-    "codistill M>G": [],
-    "codistill M=G": ["--num_samples", "4"],
-    "grpo": ["--algo", "grpo"],
-    "kdrl": ["--algo", "kdrl"],
-    "codistill hints": ["--hint_tokens", "4"],
-}
-
-
-@pytest.mark.parametrize("name", list(REFERENCE_RUNS))
-def test_reference_runs_reproduce_their_recorded_rows(based, tmp_path, name):
-    cg.main(based_argv(based, tmp_path, "--max_steps", "3", "--eval_every", "3", *REFERENCE_RUNS[name]))
-    rows = rows_without_timings(tmp_path / "metrics.jsonl")
-    recorded = json.load(open(REFERENCE)) if os.path.exists(REFERENCE) else {}
-    if os.environ.get("CODISTILL_RECORD"):
-        recorded[name] = rows
-        with open(REFERENCE, "w") as f:
-            json.dump(recorded, f, indent=0, sort_keys=True)
-        return
-    expected = recorded[name]
-    assert [sorted(r) for r in rows] == [sorted(r) for r in expected]  # the same metrics, no more, no fewer
-    for row, want in zip(rows, expected):
-        for k, v in want.items():
-            assert row[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (row["iteration"], k)
-
-
 def test_the_file_reads_as_the_paper_method_above_the_machinery():
-    """The method (the equations, rollouts, log-probs, one step, the loop) comes first; one banner; then machinery.
-    No function is longer than 60 lines."""
+    """The method (the equations with every KD form, rollouts, log-probs, one step, the loop) comes first, in at most
+    600 lines; one banner; then machinery. No function is longer than 60 lines, in any of the project's files. The
+    tiny world is a file of its own, imported only for `tiny:` names."""
     import ast
     text = open(os.path.join(HERE, "codistill_grpo.py")).read()
     lines = text.splitlines()
     [banner] = [i + 1 for i, l in enumerate(lines) if l.startswith("# ==") and "machinery" in l]
-    defs = {n.name: n.lineno for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)}
-    assert banner <= 750
-    for name in ["kd_reward", "downsample", "group_advantages", "policy_loss", "rollout", "token_logprobs", "update",
-                 "train"]:
+    defs = {n.name: n.lineno for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert banner <= 600
+    for name in ["kd_reward", "kd_reward_eq4", "token_advantages", "downsample", "group_advantages", "policy_loss",
+                 "small_step_terms", "rollout", "token_logprobs", "update", "roles", "train"]:
         assert defs[name] < banner, name
-    for name in ["grade_batch", "load_problems", "build_tiny_world", "parallelize", "save_checkpoint", "main"]:
+    for name in ["grade_batch", "load_problems", "parallelize", "save_checkpoint", "setup", "main"]:
         assert defs[name] > banner, name
-    for path in ["codistill_grpo.py", "eval.py", "bench.py"]:
+    assert "import tiny_world" not in "\n".join(lines[:banner])  # the method never touches the toy
+    assert len(lines) <= 1950  # a guard against growth: 1,925 lines (the issue's target, 1,500, is not met)
+    for path in ["codistill_grpo.py", "tiny_world.py", "eval.py", "bench.py"]:
         tree = ast.parse(open(os.path.join(HERE, path)).read())
         long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
                 and n.end_lineno - n.lineno + 1 > 60}
@@ -994,15 +1167,20 @@ def test_rollouts_jsonl_shows_one_iteration_in_numbers(based, tmp_path):
         assert all(x["A"] is None and x["A_kd"] is None for x in dropped)
 
 
+def rows_without_timings(path):
+    rows = [json.loads(l) for l in open(path)]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
+
+
 def test_resume_gives_the_same_weights_and_rows_as_a_straight_run(based, tmp_path, monkeypatch):
     flags = ["--max_steps", "4", "--save_every", "2", "--eval_every", "2", "--lr_schedule", "cosine",
-             "--warmup_ratio", "0.25", "--hint_tokens", "3"]
+             "--warmup_ratio", "0.25", "--hint_tokens", "3", "--hint_share", "0.75"]  # hints: iterations 1-3
     cg.main(based_argv(based, tmp_path / "straight", *flags))
 
     real_save = cg.save_checkpoint
 
-    def save_then_stop(models, optims, tokenizer, a, iteration):
-        path = real_save(models, optims, tokenizer, a, iteration)
+    def save_then_stop(models, optims, tokenizer, a, iteration, plan=None):
+        path = real_save(models, optims, tokenizer, a, iteration, plan)
         if iteration == 2:
             raise KeyboardInterrupt  # the job is stopped right after its checkpoint
         return path
@@ -1336,20 +1514,61 @@ def test_output_dir_that_is_a_checkpoint_or_a_missing_reporter_exit_2(world, fin
                                                           capsys)
 
 
-def test_ctrl_c_prints_one_line_and_exits_130(world, tmp_path):
+def start_run(world, out, *flags):
+    """The trainer in a child process, its output into files (a pipe nobody reads would fill and block it)."""
+    argv = tiny_argv(world, out, "--max_steps", "200", "--eval_size", "0", "--save_every", "1", "--keep_checkpoints",
+                     "2", *flags)
+    out.mkdir(parents=True, exist_ok=True)
+    err = open(out.parent / f"{out.name}.stderr", "w+")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "codistill_grpo.py"), *argv], stdout=subprocess.DEVNULL,
+                         stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return p, err
+
+
+def wait_for(condition, what, seconds=180):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.2)
+
+
+def last_line_after(p, err, sig):
+    """Send the signal, wait for the process to end -> (its exit status, its stderr, its last line that is not a bar)."""
+    p.send_signal(sig)
+    p.wait(timeout=120)
+    err.seek(0)
+    text = err.read()
+    lines = [l for l in text.replace("\r", "\n").splitlines() if l.strip() and "it/s" not in l and "s/it" not in l]
+    return p.returncode, text, lines[-1]
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_and_sigterm_print_one_line(world, tmp_path, sig, code, word):
+    """Ctrl-C, and SIGTERM (what schedulers send), end a run with one line: where it stopped, what to resume from."""
     import signal
     out = tmp_path / "run"
-    argv = tiny_argv(world, out, "--max_steps", "200", "--eval_size", "0", "--save_every", "1", "--keep_checkpoints", "2")
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "codistill_grpo.py"), *argv], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 120
-    while not list(out.glob("checkpoint-2")) and time.time() < deadline:
-        time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    lines = [l for l in err.strip().splitlines() if l.strip() and "it/s" not in l and "s/it" not in l]
-    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert lines[-1].startswith("interrupted: metrics.jsonl has iterations up to ") and "--resume" in lines[-1]
+    p, err = start_run(world, out)
+    wait_for(lambda: (out / "checkpoint-2").exists(), "checkpoint-2")
+    status, text, last = last_line_after(p, err, getattr(signal, sig))
+    assert status == code and "Traceback" not in text, text[-2000:]
+    assert last.startswith(f"{word}: metrics.jsonl has iterations up to ") and "--resume" in last
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_killed_trainer_leaves_a_quiet_grader_and_resumes(world, tmp_path):
+    """SIGKILL: no line can be printed, but the grading worker ends quietly with its trainer, and --resume takes the
+    newest complete checkpoint."""
+    import signal
+    out = tmp_path / "run"
+    p, err = start_run(world, out)
+    wait_for(lambda: (out / "checkpoint-3").exists(), "checkpoint-3")
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    time.sleep(3)  # the worker notices its parent is gone within a second
+    err.seek(0)
+    assert "Traceback" not in err.read()
+    a = cg.parse_args(["--output_dir", str(out), "--resume"])
+    assert int(a.resume.rsplit("-", 1)[1]) >= 3
 
 
 def test_ranks_started_without_torchrun_say_whom_they_wait_for_and_give_up(world, tmp_path):
@@ -1373,9 +1592,347 @@ def test_ranks_started_without_torchrun_say_whom_they_wait_for_and_give_up(world
 def short_run(world, tmp_path_factory):
     """A real two-iteration codistill run of the tiny preset -> its output folder."""
     out = tmp_path_factory.mktemp("run") / "codistill"
-    cg.main(["--preset", "tiny", "--cache_dir", world["cache"], *NO_WARMUP, "--output_dir", str(out), "--max_steps", "2",
-             "--batch_size", "2", "--num_samples", "4", "--group_size", "2", "--eval_size", "4", "--eval_every", "1"])
+    cg.main(tiny_argv(world, out, "--num_samples", "4", "--group_size", "2"))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing lost, nothing silently wrong (#23)
+
+
+def test_resuming_from_an_older_checkpoint_moves_the_newer_ones_aside(world, tmp_path, capsys):
+    """A resume from K leaves the folder as if the run had stopped at K: the newer checkpoints and the run's files as
+    they were move to superseded-K-<time>/; a later --resume follows the run's own history (`latest`)."""
+    out = tmp_path / "run"
+    cg.main(tiny_argv(world, out, "--max_steps", "6", "--save_every", "1", "--keep_checkpoints", "0", "--eval_size",
+                      "0"))
+    cg.main(["--resume", str(out / "checkpoint-4"), "--max_steps", "5"])
+    assert "checkpoint-5, checkpoint-6" in capsys.readouterr().out
+    [aside] = out.glob("superseded-4-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-5", "checkpoint-6", "metrics.jsonl",
+                                                      "rollouts.jsonl"]
+    assert len(open(aside / "metrics.jsonl").readlines()) == 7  # the old timeline, rows 0-6, kept
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in range(1, 6)]
+    assert (out / "latest").read_text().strip() == "checkpoint-5"
+    cg.main(["--resume", "--output_dir", str(out), "--max_steps", "8"])
+    rows = [json.loads(l)["iteration"] for l in open(out / "metrics.jsonl")]
+    assert rows == list(range(9))
+    (out / "latest").write_text("checkpoint-7\n")  # an older record wins over a higher number (a spliced folder)
+    assert cg.parse_args(["--resume", "--output_dir", str(out)]).resume == str(out / "checkpoint-7")
+
+
+def test_overwrite_deletes_only_what_the_run_wrote(finished_run, world):
+    (finished_run / "checkpoint-notes.txt").write_text("mine")
+    (finished_run / "checkpoint-2-scores.json").write_text("{}")
+    (finished_run / "checkpoint-2.tmp").mkdir()  # a save cut short: the run's
+    cg.main(tiny_argv(world, finished_run, "--eval_size", "0", "--max_steps", "1", "--overwrite"))
+    assert sorted(p.name for p in finished_run.iterdir() if not p.name.startswith(".")) == [
+        "args.json", "checkpoint-1", "checkpoint-2-scores.json", "checkpoint-notes.txt", "latest", "metrics.jsonl",
+        "rollouts.jsonl"]
+
+
+def test_a_folder_whose_run_has_no_checkpoint_does_not_suggest_resume(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    cg.main(tiny_argv(world, out, "--eval_size", "0", "--max_steps", "1"))
+    for ckpt in out.glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+    message = exit_2(tiny_argv(world, out, "--eval_size", "0"), capsys)
+    assert "no checkpoint to resume from" in message and "--overwrite" in message and "add --resume" not in message
+
+
+def test_a_dead_grading_worker_is_replaced_and_its_answer_scores_zero():
+    import signal
+    cg.grade_batch(["\\boxed{1}"], ["1"], "boxed")()  # a worker is running
+    os.kill(cg.GRADER["process"].pid, signal.SIGKILL)  # dead between two batches (the OOM killer)
+    cg.GRADER["process"].join()
+    before = cg.GRADER["timeouts"]
+    assert cg.grade_batch(["\\boxed{2}", "\\boxed{3}"], ["2", "3"], "boxed")() == [1.0, 1.0]
+    hang = "\\boxed{9^{9^{9^{9}}}}"
+    wait = cg.grade_batch([hang, "\\boxed{2}", "\\boxed{3}"], ["1", "2", "3"], "boxed", timeout=30)
+    time.sleep(1)  # the worker is busy with the first answer
+    os.kill(cg.GRADER["process"].pid, signal.SIGKILL)  # dies while grading
+    t = time.time()
+    assert wait() == [0.0, 1.0, 1.0] and time.time() - t < 10  # not the 30 s of the time limit
+    assert cg.GRADER["timeouts"] == before + 1
+
+
+def test_numbers_keep_their_value_as_answers(tmp_path):
+    assert cg.checked_row({"problem": "p", "answer": 0.00001}, "row 1")["answer"] == "0.00001"
+    assert cg.checked_row({"problem": "p", "answer": 1e20}, "row 1")["answer"] == "1" + "0" * 20
+    assert cg.checked_row({"problem": "p", "answer": 2.0}, "row 1")["answer"] == "2"
+    assert cg.checked_row({"problem": "p", "answer": -12}, "row 1")["answer"] == "-12"
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"problem": "p", "answer": 0.00001}\n')
+    [row] = cg.load_problems(str(path))
+    assert cg.accuracy_reward("\\boxed{0.00001}", row["answer"], "boxed") == 1.0
+
+
+def test_prompts_that_are_cut_are_counted_and_a_length_too_short_for_the_template_refused(world, tmp_path, capsys,
+                                                                                          no_models):
+    assert "cannot hold the boxed template itself" in exit_2(
+        tiny_argv(world, tmp_path / "a", "--max_prompt_length", "5"), capsys)
+    data = tmp_path / "long.jsonl"
+    rows = [{"problem": "What is 1 + 1" + " and" * (400 if i < 3 else 0), "answer": "2"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # no_models: it stops where the models load
+        cg.main(tiny_argv(world, tmp_path / "b", "--dataset", str(data)))
+    assert "warning: 3 of 8 prompts are longer than --max_prompt_length 64" in capsys.readouterr().out
+
+
+def test_prompts_cut_are_in_the_first_row(world, tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = [{"problem": "What is 1 + 1" + " and" * (400 if i < 3 else 0), "answer": "2"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cg.main(tiny_argv(world, tmp_path / "run", "--dataset", str(data), "--max_steps", "1"))
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert row["prompts_cut/train"] == 3 and row["prompts_cut/held_out"] == 0
+
+
+@pytest.fixture
+def slow_grader(monkeypatch):
+    """A grading worker whose every answer takes 30 s (forked after the patch; the real one comes back after): longer
+    than the scoring it overlaps, so that none is done before the trainer waits for it."""
+    def restart():
+        if "process" in cg.GRADER:
+            cg.GRADER.pop("process").kill()
+    restart()
+    monkeypatch.setattr(cg, "grade", lambda *args: time.sleep(30) or 1.0)
+    yield
+    restart()
+
+
+def test_a_grade_timeout_too_small_for_any_answer_is_warned_about(world, tmp_path, capsys, slow_grader):
+    cg.main(tiny_argv(world, tmp_path, "--grade_timeout", "0.01", "--max_steps", "1", "--eval_size", "2"))
+    err = capsys.readouterr().err
+    assert "warning: 16 of 16 iteration 1's answers were not graded within --grade_timeout 0.01 s" in err
+    assert "warning: 4 of 4 held-out answers were not graded within" in err  # iteration 0: both models
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert rows[1]["grade_timeouts"] == 16 and rows[0]["test_grade_timeouts"] == 4 and rows[1]["small/accuracy"] == 0
+
+
+def test_the_lr_schedule_is_planned_once_and_a_resume_never_makes_it_jump(world, tmp_path, capsys):
+    """A resume with another --max_steps changes where the run stops, not its schedule: the lr goes on as planned
+    (constant after warm-up); a cosine run cannot be made longer, as its lr is 0 past its planned end."""
+    lrs = lambda out: [r["small/lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "small/lr" in r]
+    flags = ["--eval_size", "0", "--save_every", "2", "--warmup_ratio", "0.5"]
+    cg.main(tiny_argv(world, tmp_path / "straight", "--max_steps", "4", *flags))
+    cg.main(tiny_argv(world, tmp_path / "split", "--max_steps", "4", *flags))
+    cg.main(["--resume", str(tmp_path / "split" / "checkpoint-2"), "--max_steps", "6"])
+    assert lrs(tmp_path / "split") == lrs(tmp_path / "straight") + [1e-4, 1e-4]  # warm-up over the planned 4
+    cg.main(tiny_argv(world, tmp_path / "cosine", "--max_steps", "4", "--lr_schedule", "cosine", *flags))
+    message = exit_2(["--resume", str(tmp_path / "cosine" / "checkpoint-2"), "--max_steps", "40"], capsys)
+    assert "planned for 4 iterations" in message
+    cg.main(["--resume", str(tmp_path / "cosine" / "checkpoint-2"), "--max_steps", "3"])  # shorter: fine
+
+
+def test_gen_batch_size_defines_the_run(finished_run, capsys):
+    """It changes what is sampled (the batches generate draws from), so a resume may not change it."""
+    assert "--gen_batch_size" in exit_2(["--resume", str(finished_run), "--gen_batch_size", "3"], capsys)
+
+
+def test_held_out_problems_are_never_trained_on(world, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [json.loads(l) for l in open(world["train"])][:6] + [json.loads(l) for l in open(world["test"])][:2]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cg.main(tiny_argv(world, tmp_path / "run", "--dataset", str(data), "--max_steps", "1", "--eval_size", "10"))
+    assert "note: 2 problems of --dataset are also in --eval_dataset and are left out" in capsys.readouterr().out
+    message = exit_2(tiny_argv(world, tmp_path / "r2", "--dataset", world["test"], "--eval_size", "500"), capsys)
+    assert "fewer than one global batch" in message
+
+
+def test_a_full_disk_while_saving_stops_with_one_line_and_leaves_no_half_checkpoint(world, tmp_path, capsys,
+                                                                                    monkeypatch):
+    real_save = torch.save
+
+    def full(obj, path, *a, **k):
+        if "checkpoint-2" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 320 vs 256")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, tmp_path, "--save_every", "1", "--eval_size", "0", "--max_steps", "3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("error: saving ") and "MB are free there" in err[-1]
+    assert "--resume" in err[-1] and "Traceback" not in "".join(err)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-1"
+
+
+def test_no_room_for_a_checkpoint_is_refused_before_training(world, tmp_path, capsys, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    assert "one checkpoint takes about" in exit_2(tiny_argv(world, tmp_path), capsys)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_model_folder_without_its_tokenizer_is_named(world, tmp_path, capsys):
+    broken = tmp_path / "small"
+    shutil.copytree(world["small"], broken)
+    (broken / "tokenizer.json").unlink()
+    message = exit_2(tiny_argv(world, tmp_path / "run", "--small_model", str(broken)), capsys)
+    assert f"model {broken}: its tokenizer is empty" in message
+    message = exit_2([str(broken), "--benchmarks", world["test"], "--limit", "2"], capsys, ev.main)
+    assert "its tokenizer is empty" in message
+
+
+def test_a_checkpoint_naming_an_unknown_algo_says_so(finished_run, capsys):
+    args = json.load(open(finished_run / "checkpoint-2" / "args.json"))
+    (finished_run / "checkpoint-2" / "args.json").write_text(json.dumps(dict(args, algo="ppo")))
+    assert "unknown --algo 'ppo'" in exit_2(["--resume", str(finished_run / "checkpoint-2")], capsys)
+
+
+def test_a_folder_as_dataset_is_refused(world, tmp_path, capsys, no_models):
+    assert "is a folder" in exit_2(tiny_argv(world, tmp_path / "r", "--dataset", str(tmp_path)), capsys)
+    assert "no such file" in exit_2(tiny_argv(world, tmp_path / "r", "--dataset", "nope.jsonl"), capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "/no/such/folder/b.json"], "--json /no/such/folder/b.json: cannot write a file there"),
+    (["--plot", "/no/such/folder/b.png"], "--plot"),
+    (["--parts", "step"], "--parts step: choose from steps, logprobs, rollouts"),
+    (["--lengths", "16,x"], "--lengths"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+])
+def test_bench_refuses_bad_flags_before_measuring(argv, message, capsys):
+    import bench
+    t = time.time()
+    assert message in exit_2(argv, capsys, bench.main) and time.time() - t < 5
+
+
+def test_a_model_with_nan_weights_is_named_and_a_diverging_run_stops_in_one_line(world, tmp_path, capsys,
+                                                                                monkeypatch):
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "small"
+    shutil.copytree(world["small"], broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights = {k: v.fill_(float("nan")) if i == 0 else v for i, (k, v) in enumerate(weights.items())}
+    save_file(weights, str(broken / "model.safetensors"))
+    assert "some of its weights are NaN" in exit_2(tiny_argv(world, tmp_path / "a", "--small_model", str(broken)),
+                                                   capsys)
+
+    def diverged(*args, **kw):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    monkeypatch.setattr(cg, "sample", diverged)
+    with pytest.raises(SystemExit) as e:
+        cg.main(tiny_argv(world, tmp_path / "b", "--eval_size", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("error: sampling met NaN or infinite probabilities")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: torch.save({"optimizers": {}}, c / "trainer_state.pt"), "trainer_state.pt holds no iteration"),
+    (lambda c: torch.save([1, 2], c / "trainer_state.pt"), "trainer_state.pt holds no iteration"),
+    (lambda c: edit_json(c / "args.json", batch_size="2"), "batch_size is '2', not a int"),
+    (lambda c: edit_json(c / "args.json", batch_size=2.5), "batch_size is 2.5, not a int"),
+    (lambda c: edit_json(c / "args.json", num_samples=None), "has no num_samples"),
+])
+def test_a_damaged_checkpoint_is_named_not_a_traceback(finished_run, capsys, damage, message):
+    damage(finished_run / "checkpoint-2")
+    before = snapshot(finished_run)
+    assert message in exit_2(["--resume", str(finished_run / "checkpoint-2")], capsys)
+    assert snapshot(finished_run) == before
+
+
+def edit_json(path, **changes):
+    saved = json.load(open(path))
+    saved.update(changes)
+    path.write_text(json.dumps({k: v for k, v in saved.items() if v is not None}))
+
+
+def test_optimizer_states_that_do_not_fit_their_models_are_refused(based, tmp_path, capsys):
+    out = tmp_path / "run"
+    cg.main(based_argv(based, out, "--eval_size", "0", "--save_every", "1"))
+    path = out / "checkpoint-2" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["optimizers"]["small"], state["optimizers"]["large"] = state["optimizers"]["large"], state["optimizers"]["small"]
+    torch.save(state, path)
+    before = snapshot(out)
+    assert "optimizer state does not fit it" in exit_2(["--resume", str(out / "checkpoint-2"), "--max_steps", "3"],
+                                                       capsys)
+    assert snapshot(out) == before  # resumes.jsonl was not touched
+
+
+def test_a_resume_on_other_data_is_refused(world, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [json.loads(l) for l in open(world["train"])][:8])
+    cg.main(tiny_argv(world, tmp_path / "run", "--dataset", str(data), "--eval_size", "0", "--max_steps", "1",
+                      "--save_every", "1"))
+    write_jsonl(data, [json.loads(l) for l in open(world["train"])][8:16])
+    assert "is not what the run trained on" in exit_2(["--resume", "--output_dir", str(tmp_path / "run"),
+                                                       "--max_steps", "2"], capsys)
+
+
+def test_cut_short_or_unreadable_data_is_named(world, tmp_path, capsys, no_models):
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"problem": "a", "answer": "1"}\n{"problem": "b", "answ')  # a dataset's last line cut short
+    assert "line 2 is not valid JSON" in exit_2(tiny_argv(world, tmp_path / "r", "--dataset", str(cut)), capsys)
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text('{"problem": "x", "answer": ' + "9" * 5000 + "}\n")
+    assert "line 1 is not valid JSON" in exit_2(tiny_argv(world, tmp_path / "r", "--dataset", str(huge)), capsys)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    assert "not JSON that can be read" in exit_2(tiny_argv(world, tmp_path / "r", "--dataset", str(deep)), capsys)
+
+
+def test_a_cached_world_cut_short_is_built_again(tmp_path, capsys):
+    paths = tiny_world.build(str(tmp_path), seed=0, steps=dict(small=0, large=0))
+    with open(paths["train"], "r+b") as f:
+        f.truncate(10_000)
+    tiny_world.build(str(tmp_path), seed=0, steps=dict(small=0, large=0))
+    assert "is damaged (train.jsonl has" in capsys.readouterr().out and tiny_world.damaged(paths) is None
+
+
+def test_a_metrics_row_lost_to_a_cut_is_noted_on_resume(finished_run, capsys):
+    text = (finished_run / "metrics.jsonl").read_text()
+    (finished_run / "metrics.jsonl").write_text(text[:-40])  # the last row (iteration 2) cut short
+    cg.main(["--resume", "--output_dir", str(finished_run), "--max_steps", "3"])
+    assert "metrics.jsonl has no row for iteration 2" in capsys.readouterr().out
+
+
+def test_run_files_that_cannot_be_written_are_named_in_one_line(finished_run, capsys):
+    (finished_run / "latest").unlink()
+    (finished_run / "latest").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cg.main(["--resume", str(finished_run / "checkpoint-2"), "--max_steps", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("error: cannot write") and "latest" in err[-1]
+    assert not list(finished_run.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("make, message", [(lambda p: p.write_text(""), "is a file, not a folder"),
+                                           (lambda p: p.symlink_to(p.parent / "nowhere"), "is a link to nowhere")])
+def test_an_output_dir_that_is_no_folder_is_named(world, tmp_path, capsys, no_models, make, message):
+    make(tmp_path / "out")
+    assert message in exit_2(tiny_argv(world, tmp_path / "out"), capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tiny:small", "--benchmarks", "toy,,toy"], "given twice"),
+    (["tiny:medium", "--benchmarks", "toy"], "MODEL tiny:medium: the tiny world's models are tiny:small and tiny:large"),
+])
+def test_eval_refuses_repeated_or_unknown_names(argv, message, capsys):
+    assert message in exit_2(argv, capsys, ev.main)
+
+
+def test_eval_refuses_the_same_model_twice_and_an_out_over_its_input(world, tmp_path, capsys):
+    assert "given twice" in exit_2([world["small"], world["small"] + "/", "--benchmarks", world["test"]], capsys,
+                                   ev.main)
+    data = tmp_path / "b.jsonl"
+    write_jsonl(data, [json.loads(l) for l in open(world["test"])][:2])
+    assert "it would be overwritten" in exit_2([world["small"], "--benchmarks", str(data), "--out", str(data)], capsys,
+                                               ev.main)
+    (tmp_path / "afile").write_text("")
+    assert "--plot_dir" in exit_2(["--runs", str(tmp_path), "--plot_dir", str(tmp_path / "afile" / "sub")], capsys,
+                                  ev.main)
+
+
+def test_bench_keeps_to_its_cache_and_names_bad_models(tmp_path, capsys):
+    import bench
+    (tmp_path / "afile").write_text("")
+    assert "--cache_dir" in exit_2(["--cache_dir", str(tmp_path / "afile"), "--parts", "steps"], capsys, bench.main)
+    assert "model /nonexistent" in exit_2(["--cache_dir", str(tmp_path / "c"), "--parts", "rollouts", "--small_model",
+                                           "/nonexistent"], capsys, bench.main)
+    assert os.listdir(tmp_path / "c") and all(d.startswith(("tiny-", "bench-pair")) for d in os.listdir(tmp_path / "c"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1405,14 +1962,14 @@ def test_every_prompt_of_an_epoch_goes_to_exactly_one_rank():
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_torchrun_two_processes_run_codistill(based, tmp_path, fsdp):
     out = tmp_path / "run"
-    argv = based_argv(based, out, "--batch_size", "1", "--eval_size", "3", "--hint_tokens", "2",
+    argv = based_argv(based, out, "--batch_size", "1", "--eval_size", "3", "--hint_tokens", "2", "--hint_share", "0.5",
                       *(["--fsdp"] if fsdp else []))  # 2 ranks x 1 prompt: the 2 problems of `based`
     p = torchrun("codistill_grpo.py", *argv)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]  # one row per iteration: rank 0 writes, once
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert all(0.0 <= r["small/test_accuracy"] <= 1.0 for r in rows)
-    assert rows[1]["small/hint_length"] > 0 and "large/loss" in rows[2]
+    assert rows[1]["small/hint_length"] > 0 and "large/loss" in rows[2] and "small/hint_length" not in rows[2]
     from transformers import AutoModelForCausalLM
     for name in ["small", "large"]:  # plain Hugging Face folders, loaded without any distributed code
         AutoModelForCausalLM.from_pretrained(out / "checkpoint-2" / name)
@@ -1559,15 +2116,15 @@ def test_hub_benchmarks_are_read_with_their_config_split_and_columns(monkeypatch
 
 
 def test_tiny_model_names_resolve_to_the_presets_base_models(tmp_path, monkeypatch):
-    monkeypatch.setattr(cg, "build_tiny_world", lambda cache, seed, warmup, noisy: {
-        k: f"{k}:{cache}|{seed}|{warmup}|{noisy}" for k in ["small", "large", "train", "test"]})
-    assert ev.model_path("tiny:small") == f"small:{cg.Args.cache_dir}|0|(400, 500)|300"
-    assert ev.model_path("tiny:large") == f"large:{cg.Args.cache_dir}|0|(400, 500)|300"
+    monkeypatch.setattr(tiny_world, "build", lambda cache, seed, verbose=True: {
+        k: f"{k}:{cache}|{seed}" for k in ["small", "large", "train", "test"]})
+    assert ev.model_path("tiny:small", str(tmp_path)) == f"small:{tmp_path}|0"
+    assert ev.model_path("tiny:large") == f"large:{cg.Args.cache_dir}|0"
     assert ev.model_path("runs/x/checkpoint-3/small") == "runs/x/checkpoint-3/small"
 
 
 def test_toy_is_the_tiny_presets_held_out_set_and_a_missing_file_fails_fast():
-    assert ev.load_benchmark("toy") == cg.tiny_problems(0)[1]
+    assert ev.load_benchmark("toy") == tiny_world.problems(0)[1]
     with pytest.raises(cg.BadInput, match="nope.jsonl: no such file"):
         ev.load_benchmark("nope.jsonl")
 
