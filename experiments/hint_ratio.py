@@ -12,13 +12,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import codistill_grpo as cg  # noqa: E402
+import tiny_world  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--prompts", type=int, default=64)
     own, rest = p.parse_known_args()
-    a = cg.resolve_tiny(cg.parse_args(["--preset", "tiny", "--hint_tokens", "4", *rest]))
+    a = tiny_world.resolve(cg.parse_args(["--preset", "tiny", "--hint_tokens", "4", *rest]))
     rows = cg.load_problems(a.dataset)[:own.prompts]
     tok = cg.load_tokenizer(a.small_model)
     small, large = (cg.load_model(m, torch.float32, "cpu", False) for m in (a.small_model, a.large_model))
