@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline: a hu
 import json
 import math
 import shutil
+import signal
 import statistics
 import subprocess
 import time
@@ -1515,13 +1516,15 @@ def test_output_dir_that_is_a_checkpoint_or_a_missing_reporter_exit_2(world, fin
 
 
 def start_run(world, out, *flags):
-    """The trainer in a child process, its output into files (a pipe nobody reads would fill and block it)."""
+    """The trainer in a child process, its output into files (a pipe nobody reads would fill and block it). Ctrl-C
+    is restored in the child: a shell starts background jobs with SIGINT ignored, and Python keeps it so."""
     argv = tiny_argv(world, out, "--max_steps", "200", "--eval_size", "0", "--save_every", "1", "--keep_checkpoints",
                      "2", *flags)
     out.mkdir(parents=True, exist_ok=True)
     err = open(out.parent / f"{out.name}.stderr", "w+")
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "codistill_grpo.py"), *argv], stdout=subprocess.DEVNULL,
-                         stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return p, err
 
 
@@ -1545,7 +1548,6 @@ def last_line_after(p, err, sig):
 @pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
 def test_ctrl_c_and_sigterm_print_one_line(world, tmp_path, sig, code, word):
     """Ctrl-C, and SIGTERM (what schedulers send), end a run with one line: where it stopped, what to resume from."""
-    import signal
     out = tmp_path / "run"
     p, err = start_run(world, out)
     wait_for(lambda: (out / "checkpoint-2").exists(), "checkpoint-2")
@@ -1558,7 +1560,6 @@ def test_ctrl_c_and_sigterm_print_one_line(world, tmp_path, sig, code, word):
 def test_a_killed_trainer_leaves_a_quiet_grader_and_resumes(world, tmp_path):
     """SIGKILL: no line can be printed, but the grading worker ends quietly with its trainer, and --resume takes the
     newest complete checkpoint."""
-    import signal
     out = tmp_path / "run"
     p, err = start_run(world, out)
     wait_for(lambda: (out / "checkpoint-3").exists(), "checkpoint-3")
@@ -1641,7 +1642,6 @@ def test_a_folder_whose_run_has_no_checkpoint_does_not_suggest_resume(world, tmp
 
 
 def test_a_dead_grading_worker_is_replaced_and_its_answer_scores_zero():
-    import signal
     cg.grade_batch(["\\boxed{1}"], ["1"], "boxed")()  # a worker is running
     os.kill(cg.GRADER["process"].pid, signal.SIGKILL)  # dead between two batches (the OOM killer)
     cg.GRADER["process"].join()
