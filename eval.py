@@ -342,13 +342,14 @@ def plot_runs(groups, plot_dir):
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
 
-    colors = {label: f"C{i % 10}" for i, (label, _) in enumerate(groups)}  # one colour per group in every plot
+    styles = {label: dict(color=f"C{i % 10}", linestyle=["-", "--", ":"][i // 10 % 3])  # the same in every plot;
+              for i, (label, _) in enumerate(groups)}                                  # past 10 groups, dashed
 
     def curve(ax, label, group, key_of, **kw):
         xs, mean, lo, hi = mean_series(group, key_of(group[0]))
-        ax.plot(xs, mean, label=label, color=colors[label], **kw)
+        ax.plot(xs, mean, label=label, **styles[label], **kw)
         if len(group) > 1:
-            ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.15, linewidth=0)
+            ax.fill_between(xs, lo, hi, color=styles[label]["color"], alpha=0.15, linewidth=0)
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))  # each its own scale: the two models are far apart
     for col, model in enumerate(["small", "large"]):
