@@ -44,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -660,7 +661,9 @@ def optimizer_step(module, opt, sched, args):
         tqdm.write(f"warning: non-finite gradient norm ({grad_norm}); this model's step is skipped", file=sys.stderr)
     else:
         opt.step()
-    sched.step()
+    with warnings.catch_warnings():  # the schedule advances on a skipped step too (a skipped first step makes torch
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # warn of the order)
+        sched.step()
     opt.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, "lr": lr, "skipped_step": float(skipped)}
 
