@@ -5,12 +5,19 @@
 # 101, its best checkpoint on a validation split of the training problems: experiments/teacher.py), so it runs
 # after the calibration; the CT runs start from CoDistill's checkpoints, so they go last.
 #     bash experiments/compare.sh runs/cmp TEACHER [CACHE_DIR] [SEEDS]
-# then: python experiments/paired.py runs/cmp  and  python eval.py --runs runs/cmp/*/* --plot_dir .
+# Run it again after a stop: it goes on where each run was.
+# then: python experiments/paired.py runs/cmp --json experiments/results/comparison.json, and the plots:
+#       python eval.py --runs $(ls -d runs/cmp/*/* | grep -v "/ct/\|grpo-large-120") --plot_dir experiments/results
 set -u
 R=${1:-runs/cmp}; TEACHER=$2; C=${3:-$HOME/.cache/codistill_grpo}; SEEDS=${4:-"1 2 3 4 5"}
 T="python codistill_grpo.py --preset tiny --cache_dir $C"
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-run() { echo "$T --seed $1 ${@:3} --output_dir $R/$2/$1"; }
+run() {  # a run that was stopped continues from its newest checkpoint (a finished one then does nothing); one
+         # stopped before its first checkpoint starts afresh
+  d=$R/$2/$1; again=""
+  if [ -f $d/latest ]; then again=--resume; elif [ -d $d ]; then again=--overwrite; fi
+  echo "$T --seed $1 ${@:3} --output_dir $d $again"
+}
 {
   for s in $SEEDS; do
     run $s codistill-a1                                     # CoDistill, alpha = 1, T = 0 (Table 1's main row)
@@ -29,4 +36,12 @@ run() { echo "$T --seed $1 ${@:3} --output_dir $R/$2/$1"; }
 for s in $SEEDS; do  # CT (Sec. 4.2): GRPO on the large model from CoDistill's large checkpoint, a fifth of the budget
   last=$(cat $R/codistill-a1/$s/latest)
   run $s ct --algo grpo --policy large --max_steps 20 --eval_every 5 --large_model $R/codistill-a1/$s/$last/large
+done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"
+for s in $SEEDS; do  # added after the runs above had been read: GRPO on the large model given CT's 20 iterations
+  d=$R/grpo-large-120/$s  # more, so both arms end after 120 large-model updates (a copy of grpo-large, resumed)
+  [ -d $d ] || cp -r $R/grpo-large/$s $d
+  echo "python codistill_grpo.py --resume $d --max_steps 120"
+done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"
+for s in $SEEDS; do  # added after the runs above had been read: does the KD term's cost scale with alpha?
+  run $s codistill-a01 --alpha 0.1
 done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"

@@ -38,7 +38,8 @@ def main():
     print("| --- |" + " --- |" * 9)
     for r in rows:
         s, l, q = r["small"], r["large"], r["quickstart"]
-        qs = lambda m: (f"{pct(q[m][0])} -> {pct(q[m][max(q[m])])}" if m in q and max(q[m]) > 0 else "-")
+        qs = lambda m: (f"{pct(q[m][0])} -> {pct(q[m][max(q[m])])}" + ("" if max(q[m]) == 100 else
+                        f" (at {max(q[m])})") if m in q and max(q[m]) > 0 else "-")
         print(f"| {r['build']} | {r['threads']}, {r['isa']} | {pct(s['sampled_accuracy'])} | "
               f"{pct(s['zero_accuracy_frac'])} | {pct(s['digit_accuracy'])} | {pct(s['greedy_accuracy'])} | "
               f"{pct(l['sampled_accuracy'])} | {pct(l['zero_accuracy_frac'])} | {qs('small')} | {qs('large')} |")
