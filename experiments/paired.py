@@ -29,6 +29,8 @@ PAIRS = [
     ("small", "codistill-a1", "kd-loss"),       # Sec. 3.1: KD in the reward against KD in the loss
     ("small", "codistill-a1", "kd-eq4"),        # Sec. 3.1, Fig. 9: Eq. (6) against Eq. (4)'s estimator
     ("small", "codistill-a01", "grpo-g"),       # added after the runs: alpha = 0.1, is the cost proportional to alpha?
+    ("small", "codistill-rank-r", "codistill-a1"),  # added after: the M ranked by r, the KD term only in A~
+    ("small", "codistill-rank-r", "grpo-ds"),
     ("large", "codistill-a1", "grpo-large"),    # Table 2: the large model from the small model's rollouts
     ("large", "ct", "grpo-large"),              # Table 2: CoDistill + CT
     ("large", "ct", "grpo-large-120"),          # added after the runs: the same 120 large-model updates ("end" only)
