@@ -7,7 +7,7 @@
 #     bash experiments/compare.sh runs/cmp TEACHER [CACHE_DIR] [SEEDS]
 # Run it again after a stop: it goes on where each run was.
 # then: python experiments/paired.py runs/cmp --json experiments/results/comparison.json, and the plots:
-#       python eval.py --runs $(ls -d runs/cmp/*/* | grep -v "/ct/\|grpo-large-120\|rank-r") --plot_dir experiments/results
+#       python eval.py --runs $(ls -d runs/cmp/*/* | grep -v "/ct/\|grpo-large-120\|rank-") --plot_dir experiments/results
 set -u
 R=${1:-runs/cmp}; TEACHER=$2; C=${3:-$HOME/.cache/codistill_grpo}; SEEDS=${4:-"1 2 3 4 5"}
 T="python codistill_grpo.py --preset tiny --cache_dir $C"
@@ -43,6 +43,7 @@ for s in $SEEDS; do  # added after the runs above had been read: GRPO on the lar
   echo "python codistill_grpo.py --resume $d --max_steps 120"
 done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"
 for s in $SEEDS; do  # added after the runs above had been read: does the KD term's cost scale with alpha? does it
-  run $s codistill-a01 --alpha 0.1                       # come from ranking the M rollouts by r~ (rank_by_r.py)?
-  run $s codistill-rank-r | sed "s#codistill_grpo.py#experiments/rank_by_r.py#"
+  run $s codistill-a01 --alpha 0.1      # come from ranking the M rollouts by r~, or from paying it in A~?
+  run $s codistill-rank-r | sed "s#codistill_grpo.py#experiments/kd_parts.py rank-by-r#"
+  run $s codistill-rank-only | sed "s#codistill_grpo.py#experiments/kd_parts.py rank-only#"
 done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"

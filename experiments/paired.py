@@ -31,6 +31,8 @@ PAIRS = [
     ("small", "codistill-a01", "grpo-g"),       # added after the runs: alpha = 0.1, is the cost proportional to alpha?
     ("small", "codistill-rank-r", "codistill-a1"),  # added after: the M ranked by r, the KD term only in A~
     ("small", "codistill-rank-r", "grpo-ds"),
+    ("small", "codistill-rank-only", "grpo-ds"),   # added after: the M ranked by r~, no KD term in A~
+    ("small", "codistill-rank-only", "codistill-a1"),
     ("large", "codistill-a1", "grpo-large"),    # Table 2: the large model from the small model's rollouts
     ("large", "ct", "grpo-large"),              # Table 2: CoDistill + CT
     ("large", "ct", "grpo-large-120"),          # added after the runs: the same 120 large-model updates ("end" only)
