@@ -1465,9 +1465,12 @@ def setup(args):
             raise BadInput(f"--resume {args.resume}: the {run.prefix[n]} model's optimizer state does not fit it")
     run.start = run.state["iteration"] + 1 if run.state else 1
     open_outputs(run)
-    print0(f"algo {args.algo}: training {', '.join(run.trained)} for iterations {run.start}..{run.total_steps} "
-           f"({len(run.train_rows)} problems, {world()} rank(s) x B={args.batch_size}, M={args.num_samples}, "
-           f"G={args.group_size}{', FSDP2' if fsdp else ''}) -> {args.output_dir}")
+    if run.start > run.total_steps:  # a finished run resumed as it was
+        print0(f"nothing to do: {args.output_dir} has its {run.total_steps} iterations (a larger --max_steps goes on)")
+    else:
+        print0(f"algo {args.algo}: training {', '.join(run.trained)} for iterations {run.start}..{run.total_steps} "
+               f"({len(run.train_rows)} problems, {world()} rank(s) x B={args.batch_size}, M={args.num_samples}, "
+               f"G={args.group_size}{', FSDP2' if fsdp else ''}) -> {args.output_dir}")
     return run
 
 

@@ -1439,6 +1439,13 @@ def test_resume_into_another_runs_folder_is_refused_and_a_fork_into_a_new_one_wo
     assert resume["iteration"] == 1 and resume["changed"]["output_dir"][1] == str(fork)
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_do_and_changes_no_checkpoint(finished_run, capsys):
+    checkpoints = {k: v for k, v in snapshot(finished_run).items() if k.startswith("checkpoint-")}
+    cg.main(["--resume", str(finished_run)])
+    assert "nothing to do" in capsys.readouterr().out
+    assert {k: v for k, v in snapshot(finished_run).items() if k.startswith("checkpoint-")} == checkpoints
+
+
 def test_resume_keeps_the_settings_that_define_the_run(world, finished_run, capsys):
     before = snapshot(finished_run)
     message = exit_2(["--resume", str(finished_run), "--alpha", "2", "--num_samples", "4"], capsys)
