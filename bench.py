@@ -3,7 +3,7 @@ bench.py: how much a CoDistill iteration costs against a GRPO iteration of the l
 parts of codistill_grpo.py (chunked log-probs, rollouts) cost against the naive ways. A benchmark, not a test.
 
     python bench.py                                   # a random pair on CPU: N = 16, 64, 256
-    python bench.py --lengths 64,256,1024 --json experiments/results/bench.json --plot experiments/results/bench_ratio.png
+    python bench.py --json experiments/results/bench.json --plot experiments/results/bench_ratio.png  # the README's
     python bench.py --small_model Qwen/Qwen2.5-Math-1.5B --large_model Qwen/Qwen2.5-Math-7B --lengths 512,3072
 
 1. Step time: `codistill_grpo.py` itself runs a few iterations of CoDistill (the small model generates, M = G, and
