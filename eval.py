@@ -13,12 +13,12 @@ are grouped into Tables 1 and 2 over seeds, and drawn as their mean):
     python eval.py --runs runs/cmp/grpo-small/{1,2,3} runs/cmp/codistill-a1/{1,2,3} --plot_dir .
 
 MODEL is a checkpoint folder (RUN/checkpoint-K/small, large or policy), a hub id, or tiny:small / tiny:large (the
-tiny preset's base models); the first MODEL is the baseline
-that the Average column's change is measured against. A benchmark is minerva, math500, amc23, olympiadbench, gsm8k
-(hub ids in BENCHMARKS; splits and columns in codistill_grpo.HUB_DATASETS), toy (the tiny preset's 500 held-out additions, seed 0), or a local
-JSON/JSONL file with 'problem' and 'answer'. The template, max new tokens and max prompt length default to what the
-checkpoints' training run recorded (RUN/checkpoint-K/args.json). Prompts, graders, loaders and generation are those
-of codistill_grpo.py.
+tiny preset's base models); the first MODEL is the baseline that the Average column's change is measured against.
+A benchmark is minerva, math500, amc23, olympiadbench, gsm8k (hub ids in BENCHMARKS; splits and columns in
+trainer_io.HUB_DATASETS), toy (the tiny preset's 500 held-out additions, seed 0), or a local JSON/JSONL file with
+'problem' and 'answer'. The template, max new tokens and max prompt length default to what the checkpoints' training
+run recorded (RUN/checkpoint-K/args.json). Prompts, graders, loaders and generation are those of codistill_grpo.py
+and trainer_io.py.
 """
 
 import argparse
@@ -32,8 +32,9 @@ import sys
 import torch
 
 import codistill_grpo as cg
+import trainer_io
 
-# name -> (column title, hub id). Each id's config, splits and columns are in codistill_grpo.HUB_DATASETS, the one
+# name -> (column title, hub id). Each id's config, splits and columns are in trainer_io.HUB_DATASETS, the one
 # table of datasets that training and evaluation share.
 BENCHMARKS = {
     "minerva": ("Minerva", "math-ai/minervamath"),
@@ -236,7 +237,7 @@ def evaluate_models(a):
 def read_metrics(path):
     """Rows of a metrics.jsonl: a half-written last line (a run still writing it) is left out; a damaged line
     elsewhere, or a file that is not UTF-8, is cg.BadInput naming the line."""
-    return [r for r in cg.read_jsonl(str(path)) if isinstance(r.get("iteration"), int)]
+    return [r for r in trainer_io.read_jsonl(str(path)) if isinstance(r.get("iteration"), int)]
 
 
 def load_run(run_dir):

@@ -1121,8 +1121,9 @@ def test_command_line_exit_status_and_help():
 
 def test_the_file_reads_as_the_paper_method_above_the_machinery():
     """The method (the equations with every KD form, rollouts, log-probs, one step, the loop) comes first, in at most
-    600 lines; one banner; then machinery. No function is longer than 60 lines, in any of the project's files. The
-    tiny world is a file of its own, imported only for `tiny:` names."""
+    600 lines; one banner; then machinery; the whole file at most 1,500 lines. No function is longer than 60 lines,
+    in any of the project's files. The tiny world is a file of its own, imported only for `tiny:` names, and so are
+    the trainer's files (problems, checkpoints, the run folder: trainer_io.py)."""
     import ast
     text = open(os.path.join(HERE, "codistill_grpo.py")).read()
     lines = text.splitlines()
@@ -1132,11 +1133,15 @@ def test_the_file_reads_as_the_paper_method_above_the_machinery():
     for name in ["kd_reward", "kd_reward_eq4", "token_advantages", "downsample", "group_advantages", "policy_loss",
                  "small_step_terms", "rollout", "token_logprobs", "update", "roles", "train"]:
         assert defs[name] < banner, name
-    for name in ["grade_batch", "load_problems", "parallelize", "save_checkpoint", "setup", "main"]:
+    for name in ["grade_batch", "parallelize", "setup", "main"]:
         assert defs[name] > banner, name
     assert "import tiny_world" not in "\n".join(lines[:banner])  # the method never touches the toy
-    assert len(lines) <= 1950  # a guard against growth: 1,925 lines (the issue's target, 1,500, is not met)
-    for path in ["codistill_grpo.py", "tiny_world.py", "eval.py", "bench.py"]:
+    assert len(lines) <= 1500
+    io_defs = {n.name for n in ast.parse(open(os.path.join(HERE, "trainer_io.py")).read()).body
+               if isinstance(n, (ast.FunctionDef, ast.ClassDef))}  # the trainer's files, apart from the trainer
+    for name in ["load_problems", "save_checkpoint", "find_checkpoint", "check_output_dir", "BadInput"]:
+        assert name in io_defs and name not in defs, name
+    for path in ["codistill_grpo.py", "trainer_io.py", "tiny_world.py", "eval.py", "bench.py"]:
         tree = ast.parse(open(os.path.join(HERE, path)).read())
         long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
                 and n.end_lineno - n.lineno + 1 > 60}

@@ -262,7 +262,8 @@ def measure(paths, prompts=500, samples=8, seed=0):
     prompt at temperature 1, the fraction of prompts with none right (Figure 1), the share of digits right, and
     greedy accuracy -> {'small': {...}, 'large': {...}}."""
     import codistill_grpo as cg
-    rows = cg.read_jsonl(paths["test"])[:prompts]
+    import trainer_io
+    rows = trainer_io.read_jsonl(paths["test"])[:prompts]
     tok = cg.load_tokenizer(paths["small"])
     out = {}
     for name in ["small", "large"]:

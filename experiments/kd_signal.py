@@ -17,13 +17,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import codistill_grpo as cg  # noqa: E402
+import trainer_io  # noqa: E402
 
 
 def main(root, arms):
     for arm in arms:
         right, wrong, kept, dropped, adv = {}, {}, [], [], {"equal": [], "mixed": []}
         for path in sorted(glob.glob(os.path.join(root, arm, "*", "rollouts.jsonl"))):
-            for row in cg.read_jsonl(path):
+            for row in trainer_io.read_jsonl(path):
                 gold, it, group = row["answer"], row["iteration"], row["completions"]
                 for c in group:
                     digits = [(t, k) for t, k in zip(c["tokens"], c.get("kd_tokens") or []) if t.isdigit()]

@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import codistill_grpo as cg  # noqa: E402
+import trainer_io  # noqa: E402
 
 # (model, arm, baseline): the questions each pair answers
 PAIRS = [
@@ -42,7 +43,7 @@ PAIRS = [
 def series(run_dir):
     """{model: {iteration: (held-out accuracy, digit accuracy)}} and the rollouts' zero-accuracy fraction by
     iteration of the small model (or of grpo's policy, under the model it is)."""
-    rows = cg.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    rows = trainer_io.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     with open(os.path.join(run_dir, "args.json")) as f:
         args = json.load(f)
     prefix = {args.get("policy", "small"): "policy"} if args["algo"] == "grpo" else {"small": "small", "large": "large"}

@@ -17,6 +17,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import codistill_grpo as cg  # noqa: E402
+import trainer_io  # noqa: E402
 import tiny_world  # noqa: E402
 
 CONFIGS = {
@@ -41,7 +42,7 @@ def pair(cache_dir):
                  data=os.path.join(root, "four.jsonl"), test=world["test"])
     if not os.path.exists(os.path.join(root, "DONE")):
         import torch
-        rows = cg.read_jsonl(world["train"])[:4]
+        rows = trainer_io.read_jsonl(world["train"])[:4]
         tok = cg.load_tokenizer(world["small"])
         for name, steps in [("small", 30), ("large", 40)]:
             model = cg.load_model(world[name], torch.float32, "cpu", False)
@@ -63,7 +64,7 @@ def run_all(cache_dir, names):
                      "--dataset", models["data"], "--eval_dataset", models["test"], "--output_dir", tmp,
                      "--batch_size", "4", "--max_steps", "3",
                      "--eval_size", "8", "--eval_every", "3", "--save_every", "0", *CONFIGS[name]])
-            rows = cg.read_jsonl(os.path.join(tmp, "metrics.jsonl"))
+            rows = trainer_io.read_jsonl(os.path.join(tmp, "metrics.jsonl"))
         out[name] = [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows]
     return out
 

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import codistill_grpo as cg  # noqa: E402
+import trainer_io  # noqa: E402
 
 
 def main():
@@ -29,7 +30,7 @@ def main():
     assert args.algo == "grpo" and args.policy == "large", "a GRPO run on the large model"
     rows = cg.load_problems(args.dataset)[-a.validation:]
     scores = {}
-    for ckpt in cg.checkpoints_in(a.run):
+    for ckpt in trainer_io.checkpoints_in(a.run):
         if a.up_to and int(ckpt.rsplit("-", 1)[1]) > a.up_to:
             continue
         model_dir = os.path.join(ckpt, "policy")
