@@ -57,4 +57,6 @@ def main(out):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # --help is not a folder to build the models in
+        sys.exit(__doc__)
     main(sys.argv[1])
