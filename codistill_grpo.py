@@ -1,5 +1,5 @@
 """
-CoDistill-GRPO: a small and a large language model trained together with GRPO, in one readable file.
+CoDistill-GRPO: a small and a large language model trained together with GRPO: the method and its trainer.
 
 Paper: "CoDistill-GRPO: A Co-Distillation Recipe for Efficient Group Relative Policy Optimization" (2026).
 Equation numbers in comments, `# Eq. (N)`, are the paper's. One iteration, per rank, B prompts (train() below):
@@ -25,9 +25,10 @@ Run it:
 
 The defaults are the paper's wherever it says something; each departure is a flag (README, "Where this code departs
 from the paper"). The file reads in the paper's order: arguments, the equations, rewards, rollouts, log-probs, one
-optimizer step, the loop. Below the banner `below: machinery the paper does not describe` come grading, models,
-distributed training, the loop's set-up and logging, and `main`; the files the trainer reads and writes (problems,
-checkpoints, resume, the run folder) are trainer_io.py's. A reader who stops at the banner has read the whole method.
+optimizer step, the loop. Below the banner `below: machinery the paper does not describe` come the step's
+bookkeeping, grading, models, held-out accuracy, distributed training, the loop's set-up and output, the command line
+and `main`; the files the trainer reads and writes (problems, checkpoints, resume, the run folder) are trainer_io.py's.
+A reader who stops at the banner has read the whole method.
 """
 
 import argparse
@@ -263,7 +264,7 @@ def final_answer(completion, template):
     if template == "r1":
         answers = ANSWER_TAG.findall(completion)
         return answers[-1].strip() if answers else None
-    return last_boxed(completion)
+    return last_boxed(completion)  # trainer_io.py (MATH's solutions carry their answer there too)
 
 
 def accuracy_reward(completion, gold, template, timeout=GRADE_TIMEOUT_S):
@@ -896,7 +897,7 @@ def heldout_accuracy(model, tokenizer, rows, args, eos_ids, synced=False):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed (torchrun): one process per device, B prompts each. Without torchrun's variables, one process and
-# every helper below is a no-op.
+# every helper below is a no-op (as are rank(), world() and print0() of trainer_io.py).
 
 
 def setup_distributed(timeout_s=Args.dist_timeout):
@@ -1001,7 +1002,7 @@ def reduce_metrics(metrics):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop's set-up and I/O: train() calls setup(), iterations(), next_batch(), generating(), finish_iteration()
+# The loop's set-up and output: train() calls setup(), iterations(), next_batch(), generating(), finish_iteration()
 
 
 def setup(args):

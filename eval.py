@@ -236,7 +236,7 @@ def evaluate_models(a):
 
 def read_metrics(path):
     """Rows of a metrics.jsonl: a half-written last line (a run still writing it) is left out; a damaged line
-    elsewhere, or a file that is not UTF-8, is cg.BadInput naming the line."""
+    elsewhere, or a file that is not UTF-8, is BadInput naming the line."""
     return [r for r in trainer_io.read_jsonl(str(path)) if isinstance(r.get("iteration"), int)]
 
 

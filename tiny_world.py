@@ -197,7 +197,7 @@ def resolve(args, fields=("small_model", "large_model", "dataset", "eval_dataset
     """The trainer's `tiny:NAME` placeholders (--preset tiny) in these flags replaced by the paths of the world of
     --tiny_seed in --cache_dir, built there on first use (under torchrun by one process per machine)."""
     import torch.distributed as dist
-    from codistill_grpo import BadInput, rank
+    from trainer_io import BadInput, rank
     try:
         os.makedirs(args.cache_dir, exist_ok=True)
     except OSError as e:

@@ -1,8 +1,10 @@
 """
-The trainer's files, read and written with care: bad input, problems, checkpoints, resume and the run folder.
+The trainer's files, read and written with care: bad input, problems, checkpoints, resume, the run folder and its
+logs (and which rank speaks under torchrun).
 
 Machinery the paper does not describe, kept out of codistill_grpo.py so that the trainer reads as the method and its
-loop; codistill_grpo.py imports every name it uses from here (so `codistill_grpo.load_problems` works as before).
+loop. codistill_grpo.py imports the names it calls from here, so `codistill_grpo.load_problems` is this module's;
+a test that patches a function called from inside this module patches it here.
 What it guarantees: bad input stops with one line naming the flag, file, line or row (BadInput) before any model
 loads; a checkpoint is written aside and renamed into place, so a crash or a full disk leaves the previous one
 whole; a resumed run goes on from a complete checkpoint with its rows up to there; a run folder that holds another
@@ -51,7 +53,7 @@ def print0(*args, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text files: read with errors that name the line, written whole or not at all
+# Text files and logs: read with errors that name the line, written whole or not at all
 
 
 def read_text(path):
@@ -113,6 +115,19 @@ def write_row(f, row):
                    file=sys.stderr)
     f.write(json.dumps({k: None if k in bad else v for k, v in row.items()}, allow_nan=False) + "\n")
     f.flush()
+
+
+def open_reporter(args):
+    """Optional tensorboard / wandb logger: -> function(metrics, step)."""
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+        return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
+    if args.report_to == "wandb":
+        import wandb
+        wandb.init(project="codistill-grpo", config=dataclasses.asdict(args), dir=args.output_dir)
+        return lambda m, step: wandb.log(m, step=step)
+    return lambda m, step: None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,19 +501,6 @@ def check_room(args, trained_params):
                f"each and --keep_checkpoints {args.keep_checkpoints} needs room for {args.keep_checkpoints + 1}")
 
 
-def open_reporter(args):
-    """Optional tensorboard / wandb logger: -> function(metrics, step)."""
-    if args.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
-        return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
-    if args.report_to == "wandb":
-        import wandb
-        wandb.init(project="codistill-grpo", config=dataclasses.asdict(args), dir=args.output_dir)
-        return lambda m, step: wandb.log(m, step=step)
-    return lambda m, step: None
-
-
 def where_it_stopped(run_dir):
     """One line for an interrupted run: the last iteration in metrics.jsonl and the checkpoint --resume would take."""
     try:
@@ -508,4 +510,3 @@ def where_it_stopped(run_dir):
         rows, found = [], []
     last = f"metrics.jsonl has iterations up to {rows[-1].get('iteration')}" if rows else "no metrics rows yet"
     return f"{last}; {'newest checkpoint ' + found[-1] + ' (continue with --resume)' if found else 'no checkpoint'}"
-
