@@ -45,7 +45,7 @@ def random_pair(cache_dir):
     """The bench's pair, built once under cache_dir with the tiny world's tokenizer and problems (the prompts):
     random weights rarely emit EOS, so completions run to nearly N tokens -> paths {small, large, train}."""
     import tiny_world
-    world = tiny_world.build(cache_dir, 0, steps=dict(small=0, large=0), verbose=False)
+    world = tiny_world.build(cache_dir, cg.TEMPLATES, 0, steps=dict(small=0, large=0), verbose=False)
     root = os.path.join(cache_dir, "bench-pair-v1")
     paths = dict(small=os.path.join(root, "small"), large=os.path.join(root, "large"), train=world["train"])
     if not os.path.exists(os.path.join(root, "DONE")):

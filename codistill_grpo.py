@@ -2,7 +2,7 @@
 CoDistill-GRPO: a small and a large language model trained together with GRPO: the method and its trainer.
 
 Paper: "CoDistill-GRPO: A Co-Distillation Recipe for Efficient Group Relative Policy Optimization" (2026).
-Equation numbers in comments, `# Eq. (N)`, are the paper's. One iteration, per rank, B prompts (train() below):
+Equation numbers in comments, `# Eq. (N)`, are the paper's. One iteration, per rank, B prompts (codistill_iteration):
 
     1. rollouts: the small model samples M completions per prompt (early on, the large model writes the first T)
     2. rewards r: accuracy (+ format for the r1 template), graded in a worker process while 3 runs
@@ -12,7 +12,7 @@ Equation numbers in comments, `# Eq. (N)`, are the paper's. One iteration, per r
     5. advantages over the kept G: A~ = r~ - mean(r~) (small), A = (r - mean r) / std r (large)   Eq. (7), (3)
     6. small step: clipped ratio pi_phi / pi_phi_old with A~, sum over tokens / N      Eq. (5)
     7. large step: clipped ratio pi_theta / pi_phi_old with A, sum over tokens / N     Eq. (10)
-    8. log (metrics.jsonl, rollouts.jsonl), held-out accuracy, checkpoint
+and around it the loop (train): held-out accuracy when due, a row of metrics.jsonl, a checkpoint when due.
 
 Run it:
     python codistill_grpo.py --preset tiny                  # offline, CPU, minutes: the whole method on a toy task
@@ -25,10 +25,13 @@ Run it:
 
 The defaults are the paper's wherever it says something; each departure is a flag (README, "Where this code departs
 from the paper"). The file reads in the paper's order: arguments, the equations, rewards, rollouts, log-probs, one
-optimizer step, the loop. Below the banner `below: machinery the paper does not describe` come the step's
-bookkeeping, grading, models, held-out accuracy, distributed training, the loop's set-up and output, the command line
-and `main`; the files the trainer reads and writes (problems, checkpoints, resume, the run folder) are trainer_io.py's.
-A reader who stops at the banner has read the whole method.
+optimizer step, then the iteration (the baselines and the KD forms chosen in one place: ITERATIONS, KD_FORMS) and the
+loop. A reader who stops at the banner `below: machinery the paper does not describe` has read the whole method; what
+the code above it calls from below is machinery only: grade_batch (the grading worker that step 2 waits on),
+optimizer_step and StepStats (the gradient clip, AdamW's step and the step's metrics), timer, generating
+(FSDP2's gathering around generate), and the loop's set-up, held-out accuracy, logging and checkpoints (setup,
+evaluate, log, save). The files the trainer reads and writes (problems, checkpoints, resume, the run folder) are
+trainer_io.py's.
 """
 
 import argparse
@@ -47,7 +50,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -58,9 +61,6 @@ from trainer_io import (  # the trainer's files and bad input (trainer_io.py): m
     BadInput, Stopped, check_output_dir, check_room, find_checkpoint, had_grpo, last_boxed, load_problems,
     load_trainer_state, one_run_at_a_time, open_reporter, print0, rank, rows_to_keep, save_checkpoint, supersede,
     training_problems, where_it_stopped, world, write_atomically, write_row)
-from trainer_io import checked_row, lm_of  # noqa: F401  (not used here: the names the tests reach through this module)
-
-sys.modules.setdefault("codistill_grpo", sys.modules[__name__])  # run as a script, tiny_world.py imports this module
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments and presets. The defaults are the paper's Qwen setting (Appendix B, Table 3).
@@ -203,9 +203,10 @@ def policy_loss(logp, logp_old, advantages, mask, max_len, clip_eps, logp_ref=No
     """-(1/S) sum_i (1/N) sum_t mask * [min(rho A, clip(rho, 1-eps, 1+eps) A) - beta D_t], rho = exp(logp - logp_old).
 
     With max_len = N this is Eq. (5) and (10): every sequence's token sum divided by the same constant N (Dr. GRPO;
-    TRL's loss_type="dr_grpo"). With max_len None each sequence's sum is divided by its own length |o_i|: Eq. (2),
-    TRL's "grpo". D_t is Eq. (4)'s estimate of KL(pi || pi_ref) at each token, exp(logp_ref - logp) - (logp_ref -
-    logp) - 1; beta = 0 (the paper's setting) leaves it out; --kd_form loss puts the large model in pi_ref.
+    TRL's loss_type="dr_grpo"). With max_len the (S,) lengths |o_i| of the sequences (their mask's sums), each sum is
+    divided by its own length: Eq. (2), TRL's "grpo". D_t is Eq. (4)'s estimate of KL(pi || pi_ref) at each token,
+    exp(logp_ref - logp) - (logp_ref - logp) - 1; beta = 0 (the paper's setting) leaves it out; --kd_form loss puts
+    the large model in pi_ref.
     logp, logp_old, mask: (S, L); advantages: (S,), or (S, L) per token. Log-ratios are clamped to [-20, 20]
     before exp, so that a far off-policy token (Eq. 10 compares two different models) cannot overflow.
     """
@@ -215,8 +216,7 @@ def policy_loss(logp, logp_old, advantages, mask, max_len, clip_eps, logp_ref=No
     if beta:
         d = (logp_ref - logp).clamp(-20.0, 20.0)  # (S, L)
         objective = objective - beta * (d.exp() - d - 1)  # Eq. (4)
-    length = mask.sum(-1).clamp(min=1) if max_len is None else max_len  # (S,) or the constant N
-    per_sequence = (objective * mask).sum(-1) / length  # (S,)  sum over tokens, divided by N (or |o_i|)
+    per_sequence = (objective * mask).sum(-1) / max_len  # (S,)  sum over tokens, divided by N (or |o_i|)
     return -per_sequence.mean()  # mean over the S sequences
 
 
@@ -452,42 +452,37 @@ def model_inputs(rollouts, rows):
 # One optimizer step on one model
 
 
-def loss_divisor(args):
-    """What each sequence's token sum is divided by: the constant N (Eq. 5, 10: Dr. GRPO) or, as None, its own
-    length (Eq. 2). --loss_norm auto: length for --algo grpo (the paper's GRPO baseline), N otherwise."""
-    norm = args.loss_norm if args.loss_norm != "auto" else "length" if args.algo == "grpo" else "constant"
-    return args.max_completion_length if norm == "constant" else None
-
-
-def update(module, opt, sched, rollouts, logp_old, advantages, args, loss_mask=None, own=None, keep_logp=False,
-           logp_ref=None, beta=0.0):
-    """One clipped policy-gradient step, Eq. (5) or (10), on this rank's S rollouts -> metrics. Each micro-batch's
+def update(module, opt, sched, rollouts, logp_old, advantages, args, *, own, loss_mask, norm, logp_ref=None, beta=0.0):
+    """One clipped policy-gradient step, Eq. (5), (10) or (2), on this rank's S rollouts -> metrics. Each micro-batch's
     loss is weighted by its share of S, so the accumulated gradient is that of the mean over the S sequences (DDP and
     FSDP2 average it over the ranks, which hold equal S: the mean over the global batch).
-    logp_old (S, L): the ratio's denominator; None: the model sampled these rollouts itself just before this one step,
-    so pi_old is the model as it is (grpo: no scoring pass). own (S, L): the same, token by token (the large model's
-    own hint tokens, --large_hint_ratio behaviour). loss_mask (S, L): the tokens in the loss (default: the rollouts'
-    mask, what the model sees). logp_ref, beta: Eq. (2)'s KL term (--kd_form loss). keep_logp: the metrics also hold
-    'logp', the model's log-probs before the step (S, L)."""
+    logp_old (S, L): the ratio's denominator, except on the tokens of own (S, L, bool), whose pi_old is the model
+    itself before this step (on-policy: GRPO on every token, one step per batch; --large_hint_ratio behaviour on the
+    hint tokens the large model wrote). advantages: (S,), or (S, L) per token. loss_mask (S, L): the tokens in the
+    loss (the model sees every token of the rollouts' mask). norm: each sequence's token sum is divided by the
+    constant N ("constant", Eq. 5, 10) or by its own length ("length", Eq. 2). logp_ref, beta: Eq. (2)'s KL term
+    (--kd_form loss)."""
     module.train()
-    mask = rollouts["mask"]
-    loss_mask, divisor, S = mask if loss_mask is None else loss_mask, loss_divisor(args), len(mask)
-    stats, kept = StepStats(), []
+    mask, S = rollouts["mask"], len(rollouts["mask"])
+    stats = StepStats()
     for i in range(0, S, args.micro_batch_size):
         j = slice(i, i + args.micro_batch_size)
         with gradients_sync_after(module, last=i + args.micro_batch_size >= S):  # DDP: averaged once, at the end
             logp, entropy = module(*model_inputs(rollouts, j), args.temperature, args.logprob_chunk)  # (mb, L) each
-            old = logp.detach() if logp_old is None else logp_old[j]  # (mb, L)
-            if own is not None:
-                old = torch.where(own[j].bool(), logp.detach(), old)  # (mb, L)
+            old = torch.where(own[j], logp.detach(), logp_old[j])  # (mb, L)
+            divisor = args.max_completion_length if norm == "constant" else loss_mask[j].sum(-1).clamp(min=1)
             ref = None if logp_ref is None else logp_ref[j]  # (mb, L)
             loss = policy_loss(logp, old, advantages[j], loss_mask[j], divisor, args.clip_eps, ref, beta)
             loss = loss * (len(logp) / S)
             loss.backward()
-        kept += [logp.detach()] if keep_logp else []
         stats.add(loss, logp, old, advantages[j], loss_mask[j], mask[j], entropy, args.clip_eps)
-    return {**stats.summary(), **optimizer_step(module, opt, sched, args),
-            **(dict(logp=torch.cat(kept)) if keep_logp else {})}
+    return {**stats.summary(), **optimizer_step(module, opt, sched, args)}
+
+
+def loss_norm(args):
+    """What each sequence's token sum is divided by: "constant" N (Eq. 5, 10: Dr. GRPO) or "length", its own (Eq. 2).
+    --loss_norm auto: length for --algo grpo (the paper's GRPO baseline), constant otherwise."""
+    return args.loss_norm if args.loss_norm != "auto" else "length" if args.algo == "grpo" else "constant"
 
 
 def make_optimizer(model, lr, args, total_steps):
@@ -507,91 +502,178 @@ def make_optimizer(model, lr, args, total_steps):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The training loop (Sec. 3, Fig. 2)
+# One iteration (Sec. 3, Fig. 2), its variants, and the loop
 
 
-def roles(args):
-    """Who does what, decided once; the baselines differ from CoDistill only here. codistill: the small model samples,
-    both models score and step. kdrl: the same, the large model frozen. grpo: one model (--policy) samples and steps
-    on r alone, against itself (pi_old is itself: no scoring pass). --kd_form: kd_term ranks the M rollouts (Sec.
-    3.3) by r~ = r + alpha kd_term and, in the two reward forms, is paid in A~ (Eq. 6, 7); 'loss' pays Eq. (2)'s beta
-    term towards the large model instead, 'token' adds each token's own log-ratio to its advantage."""
-    with_kd = args.algo != "grpo"
-    large_in_step_3 = args.algo == "codistill" and args.num_samples == args.group_size  # see step 3
-    return SimpleNamespace(
-        sampler=args.policy if args.algo == "grpo" else "small", with_kd=with_kd, large_in_step_3=large_in_step_3,
-        scored=(["small"] if large_in_step_3 else ["small", "large"]) if with_kd else [],
-        self_sampled=args.large_hint_ratio == "behaviour",  # the large model's ratio on the hints it wrote: itself
-        kd_term=kd_reward_eq4 if args.kd_form == "reward_eq4" else kd_reward,
-        kd_in_reward=args.kd_form in ("reward", "reward_eq4"), beta=args.alpha if args.kd_form == "loss" else 0.0)
+class KDForm(NamedTuple):
+    """How the large model's log-probs reach the small step (--kd_form)."""
+    term: Callable  # the sequence-level KD term: r~ = r + alpha * term ranks the M rollouts (Sec. 3.3)
+    in_reward: bool  # A~ centres r~ (Eq. 6, 7); otherwise A~ centres r
+    in_loss: bool  # the small loss holds Eq. (2)'s KL term towards pi_theta_old, beta = alpha
+    per_token: bool  # each token's advantage adds alpha (log pi_theta_old - log pi_phi_old) at that token
+
+
+KD_FORMS = {
+    "reward": KDForm(kd_reward, in_reward=True, in_loss=False, per_token=False),  # Eq. (6): the paper's
+    "reward_eq4": KDForm(kd_reward_eq4, in_reward=True, in_loss=False, per_token=False),  # App. C, Fig. 9
+    "loss": KDForm(kd_reward, in_reward=False, in_loss=True, per_token=False),  # Sec. 3.1, the alternative it rejects
+    "token": KDForm(kd_reward, in_reward=False, in_loss=False, per_token=True),  # beyond the paper: on-policy KD
+}
+
+
+@dataclass
+class Step:
+    """What one model's update was given, and its metrics."""
+    advantages: torch.Tensor  # (B*G,), or (B*G, L) per token
+    logp_old: torch.Tensor  # (B*G, L): the ratio's denominators, where own is False
+    own: torch.Tensor  # (B*G, L) bool: tokens whose pi_old is the model itself before the step
+    loss_mask: torch.Tensor  # (B*G, L): the tokens in the loss
+    norm: str  # each sequence's token sum divided by the constant N ("constant") or its length ("length")
+    beta: float  # Eq. (2)'s KL weight (--kd_form loss), towards the large model's old log-probs
+    metrics: dict
+
+
+@dataclass
+class Iteration:
+    """What one iteration computed, in the order it computed it: B prompts, M rollouts each, G of them kept."""
+    hints: bool  # whether the large model wrote the first T tokens
+    rollouts: dict  # (B*M, .) tensors: prompt_ids, prompt_mask, comp (ids, L <= N), mask, hint
+    texts: list  # (B*M,) completions, up to their first EOS
+    accuracy: torch.Tensor  # (B*M,) accuracy reward
+    format: torch.Tensor  # (B*M,) format reward (r1 template; 0 with boxed)
+    r: torch.Tensor  # (B*M,) r = accuracy + format
+    logp_old: dict  # model -> (B*M, L) log pi_old, no grad (step 3; none for grpo, whose pi_old is itself)
+    entropy: dict  # model -> mean entropy per completion token of pi_old
+    kd: torch.Tensor  # (B*M,) the KD term (grpo: zeros)
+    r_kd: torch.Tensor  # (B*M,) r~ = r + alpha * kd, which downsampling ranks (grpo: r)
+    kept: torch.Tensor  # (B*G,) indices into the B*M of the rollouts kept
+    A_kd: torch.Tensor  # (B*G,) A~, Eq. (7), before any per-token term (grpo: A)
+    A: torch.Tensor  # (B*G,) A, Eq. (3)
+    steps: dict  # model -> Step
+    times: dict  # phase -> seconds
+
+
+def codistill_iteration(run, batch, prompts, hints):
+    """One iteration of CoDistill-GRPO (Sec. 3, Fig. 2) on this rank's B problems and their (B, P) prompts -> what it
+    computed (Iteration). --algo kdrl is the same iteration with the large model frozen: no step 7."""
+    args, small, large, form = run.args, run.models["small"], run.models["large"], KD_FORMS[run.args.kd_form]
+    B, M, G, N, alpha = args.batch_size, args.num_samples, args.group_size, args.max_completion_length, args.alpha
+    times = {}
+    # 1. Rollouts (Sec. 3.1): M per prompt from the small model, (B*M, .) each; early on the large model writes T
+    with timer(times, "generate"), generating(run, ["small"] + ["large"] * hints):
+        rollouts = rollout(small.lm, large.lm, *prompts, args, run.eos_ids, run.pad_id, hints, run.fsdp)
+    # 2. Rewards r (App. B): accuracy, + format for r1; graded in a worker process while step 3 runs
+    with timer(times, "reward"):
+        texts, grading = grade_rollouts(run, rollouts, batch)
+    # 3. Old log-probs, no grad: log pi_phi_old and log pi_theta_old of every completion token
+    with timer(times, "score"):
+        logp_small, entropy_small = old_logprobs(small.module, rollouts, args)  # (B*M, L)
+        logp_large, entropy_large = old_logprobs(large.module, rollouts, args)  # (B*M, L)
+    with timer(times, "reward"):
+        accuracy, fmt = grading()  # (B*M,) each
+    r = accuracy + fmt  # (B*M,)
+    # 4. KD reward r~ (Eq. 6) and downsampling (Sec. 3.3): per prompt the G/2 highest and G/2 lowest r~ of the M
+    kd = form.term(logp_large, logp_small, rollouts["mask"], N)  # (B*M,)
+    r_kd = r + alpha * kd  # (B*M,)
+    kept = kept_rows(downsample(r_kd.view(B, M), G), M)  # (B*G,)
+    kept_rollouts = take(rollouts, kept)  # (B*G, .) each
+    # 5. Advantages over the kept G: A~ = r~ - mean(r~) (Eq. 7); A = (r - mean r) / (std r + 1e-4) (Eq. 3)
+    A_kd = group_advantages((r_kd if form.in_reward else r)[kept].view(B, G), scale_by_std=False).view(-1)  # (B*G,)
+    A = group_advantages(r[kept].view(B, G), scale_by_std=True).view(-1)  # (B*G,)
+    A_small = token_advantages(A_kd, logp_large[kept], logp_small[kept], alpha) if form.per_token else A_kd
+    # 6. Small step, Eq. (5): ratio pi_phi / pi_phi_old with A~; hint tokens as --hint_ratio says (Eq. 8)
+    old, loss_mask = small_step_terms(logp_small[kept], logp_large[kept], kept_rollouts["mask"],
+                                      kept_rollouts["hint"], args.hint_ratio)  # (B*G, L) each
+    steps = {"small": take_step(run, small, kept_rollouts, A_small, old, times, loss_mask=loss_mask,
+                                logp_ref=logp_large[kept], beta=alpha if form.in_loss else 0.0)}
+    # 7. Large step, Eq. (10): ratio pi_theta / pi_phi_old with A (on the hints it wrote: --large_hint_ratio)
+    if large.trained:
+        own = kept_rollouts["hint"].bool() & (args.large_hint_ratio == "behaviour")  # (B*G, L)
+        steps["large"] = take_step(run, large, kept_rollouts, A, logp_small[kept], times, own=own)
+    return Iteration(hints, rollouts, texts, accuracy, fmt, r, dict(small=logp_small, large=logp_large),
+                     dict(small=entropy_small, large=entropy_large), kd, r_kd, kept, A_kd, A, steps, times)
+
+
+def grpo_iteration(run, batch, prompts, hints):
+    """The paper's GRPO baseline (Sec. 4; Eq. 2, 3) -> Iteration: one model (--policy) samples G rollouts per prompt
+    (M > G: downsampled by r, a control) and steps on r alone. One step per batch, so pi_old is the model as it is:
+    its ratio is against itself, and no scoring pass is needed."""
+    args, policy = run.args, run.models[run.args.policy]
+    B, M, G = args.batch_size, args.num_samples, args.group_size
+    times = {}
+    # 1. Rollouts: M per prompt from the policy, (B*M, .) each
+    with timer(times, "generate"), generating(run, [args.policy]):
+        rollouts = rollout(policy.lm, None, *prompts, args, run.eos_ids, run.pad_id, False, run.fsdp)
+    # 2. Rewards r
+    with timer(times, "reward"):
+        texts, grading = grade_rollouts(run, rollouts, batch)
+        accuracy, fmt = grading()  # (B*M,) each
+    r = accuracy + fmt  # (B*M,)
+    # 4. Downsampling by r (M > G), 5. advantages, Eq. (3)
+    kept = kept_rows(downsample(r.view(B, M), G), M)  # (B*G,)
+    kept_rollouts = take(rollouts, kept)  # (B*G, .) each
+    A = group_advantages(r[kept].view(B, G), scale_by_std=True).view(-1)  # (B*G,)
+    # 6. The step, Eq. (2): the ratio against the policy itself on every token
+    mask = kept_rollouts["mask"]
+    steps = {args.policy: take_step(run, policy, kept_rollouts, A, torch.zeros_like(mask, dtype=torch.float), times,
+                                    own=torch.ones_like(mask, dtype=torch.bool))}
+    return Iteration(False, rollouts, texts, accuracy, fmt, r, {}, {}, torch.zeros_like(r), r, kept, A, A, steps,
+                     times)
+
+
+ITERATIONS = {"codistill": codistill_iteration, "kdrl": codistill_iteration, "grpo": grpo_iteration}  # --algo
+
+
+def grade_rollouts(run, rollouts, batch):
+    """Start grading the rollouts (each prompt's M completions against its problem's answer) in the worker process
+    -> (their texts, wait()), where wait() returns the accuracy and format rewards, (B*M,) each."""
+    args, M = run.args, run.args.num_samples
+    texts = decode(run.tokenizer, rollouts["comp"], rollouts["mask"])
+    pending = grade_batch(texts, [row["answer"] for row in batch for _ in range(M)], args.template, args.grade_timeout)
+    return texts, lambda: tuple(torch.tensor(x, device=run.device) for x in (pending(), format_rewards(texts,
+                                                                                                       args.template)))
+
+
+def kept_rows(kept, M):
+    """Downsampling's (B, G) indices into each prompt's M rollouts -> (B*G,) indices into all B*M."""
+    B = kept.shape[0]
+    return (kept + M * torch.arange(B, device=kept.device)[:, None]).view(-1)
+
+
+def take_step(run, model, rollouts, advantages, logp_old, times, own=None, loss_mask=None, logp_ref=None, beta=0.0):
+    """update() of one model on its optimizer, timed into times['update_<name>'] -> a Step: what it was given."""
+    own = torch.zeros_like(rollouts["mask"], dtype=torch.bool) if own is None else own
+    loss_mask = rollouts["mask"] if loss_mask is None else loss_mask
+    norm = loss_norm(run.args)
+    with timer(times, f"update_{model.name}"):
+        metrics = update(model.module, model.optimizer, model.scheduler, rollouts, logp_old, advantages, run.args,
+                         own=own, loss_mask=loss_mask, norm=norm, logp_ref=logp_ref, beta=beta)
+    return Step(advantages, logp_old, own, loss_mask, norm, beta, metrics)
+
+
+def iteration(run, it):
+    """Iteration it (1-based) on this rank's B problems -> (epoch, the problems, what the iteration computed)."""
+    epoch, batch, prompts = next_batch(run, it)  # this rank's B problems, their prompts: (B, P) ids and mask
+    hints = run.args.hint_tokens > 0 and it <= run.hint_iterations  # the first --hint_share of the planned run
+    return epoch, batch, ITERATIONS[run.args.algo](run, batch, prompts, hints)
 
 
 def train(args):
-    """The paper's loop, one iteration per batch of prompts, numbered as in the module docstring. Its set-up (checks,
-    data, models, optimizers, resume, output files) and its logging are machinery: setup(), finish_iteration()."""
-    run, who = setup(args), roles(args)
-    B, M, G, N = args.batch_size, args.num_samples, args.group_size, args.max_completion_length
-    for it in iterations(run):  # (first, row 0: the starting models' held-out accuracy)
-        epoch, batch, prompts = next_batch(run, it)  # this rank's B problems and their prompts, (B, P) ids and mask
-        metrics, stats = {"iteration": it, "epoch": epoch, "t0": time.perf_counter()}, {}  # t0: for time/step
-        hints = args.hint_tokens > 0 and it <= run.hint_iterations  # the first --hint_share of the planned run
-        # 1. Rollouts (Sec. 3.1): M per prompt from the small model, (B*M, .) each; early on the large model writes T
-        with timer(metrics, "generate"), generating(run, [who.sampler] + ["large"] * hints):
-            rollouts = rollout(run.models[who.sampler], run.models.get("large"), *prompts, args, run.eos_ids,
-                               run.pad_id, hints, run.fsdp)
-        # 2. Rewards r (App. B): accuracy, + format for r1; graded in a worker process while step 3 scores
-        with timer(metrics, "reward"):
-            texts = decode(run.tokenizer, rollouts["comp"], rollouts["mask"])
-            pending = grade_batch(texts, [row["answer"] for row in batch for _ in range(M)], args.template,
-                                  args.grade_timeout)
-        # 3. Old log-probs, no grad: log pi_phi_old and log pi_theta_old of every completion token, (B*M, L) each.
-        #    With M = G every rollout is kept and the large step needs no r~: step 7 is taken here, and its forward
-        #    pass before the update gives log pi_theta_old (a forward pass over B*M sequences saved).
-        logp_old = {}
-        with timer(metrics, "score"):
-            for name in who.scored:
-                logp_old[name], metrics[f"{name}/entropy"] = old_logprobs(run.modules[name], rollouts, args)
-        with timer(metrics, "reward"):
-            acc, fmt = (torch.tensor(x, device=run.device) for x in (pending(), format_rewards(texts, args.template)))
-            r = acc + fmt  # (B*M,)
-        if who.large_in_step_3:  # Eq. (10) with A of Eq. (3) over all M = G rollouts
-            stats["large"] = timed_update(run, "large", metrics, rollouts, logp_old["small"], group_advantages(
-                r.view(B, M), scale_by_std=True).view(-1), own=rollouts["hint"] if who.self_sampled else None,
-                keep_logp=True)
-            logp_old["large"] = stats["large"].pop("logp")  # (B*M, L)
-        # 4. KD reward r~ (Eq. 6); downsampling by r~ (Sec. 3.3): per prompt the G/2 highest and G/2 lowest of M
-        kd = who.kd_term(logp_old["large"], logp_old["small"], rollouts["mask"], N) if who.with_kd else None  # (B*M,)
-        r_kd = r + args.alpha * kd if who.with_kd else r  # (B*M,)  grpo downsamples by r
-        kept = (downsample(r_kd.view(B, M), G) + M * torch.arange(B, device=r.device)[:, None]).view(-1)  # (B*G,)
-        kept_rollouts = take(rollouts, kept)  # (B*G, .) each
-        # 5. Advantages over the kept G: A~ = r~ - mean(r~) (Eq. 7); A = (r - mean r) / (std r + 1e-4) (Eq. 3)
-        A_kd = group_advantages((r_kd if who.kd_in_reward else r)[kept].view(B, G), scale_by_std=False).view(-1)
-        A = group_advantages(r[kept].view(B, G), scale_by_std=True).view(-1)  # (B*G,)
-        A_small = A_kd if who.with_kd else A  # (B*G,); grpo: Eq. (3)
-        if args.kd_form == "token":  # per token: A~ plus alpha * that token's log-ratio, (B*G, L)
-            A_small = token_advantages(A_kd, logp_old["large"][kept], logp_old["small"][kept], args.alpha)
-        # 6. Small step, Eq. (5): ratio pi_phi / pi_phi_old with A~, hint tokens as --hint_ratio says (Eq. 8)
-        if "small" in run.trained:
-            old, loss_mask = (small_step_terms(logp_old["small"][kept], logp_old["large"][kept], kept_rollouts["mask"],
-                                               kept_rollouts["hint"], args.hint_ratio) if who.with_kd else (None, None))
-            stats["small"] = timed_update(run, "small", metrics, kept_rollouts, old, A_small, loss_mask=loss_mask,
-                                          logp_ref=logp_old["large"][kept] if who.beta else None, beta=who.beta)
-        # 7. Large step, Eq. (10): ratio pi_theta / pi_phi_old with A (grpo on the large model: against itself)
-        if "large" in run.trained and not who.large_in_step_3:
-            stats["large"] = timed_update(run, "large", metrics, kept_rollouts, logp_old["small"][kept] if who.with_kd
-                                          else None, A, own=kept_rollouts["hint"] if who.self_sampled else None)
-        # 8. Log: metrics of the rollouts and the steps; held-out accuracy, rollouts.jsonl, a checkpoint when due
-        metrics.update(rollout_metrics(rollouts, texts, batch, acc, r, fmt, kept, logp_old, kd, args, run.eos_ids,
-                                       hints))
-        finish_iteration(run, it, metrics, stats, lambda: rollout_table(batch, texts, r, kd, r_kd, kept, A_kd, A,
-                                                                        args, run.tokenizer, rollouts, logp_old))
-    return run.models
-
-
-def timed_update(run, name, metrics, rollouts, logp_old, advantages, **kw):
-    """update() of one model on its own optimizer, timed into metrics['time/update_<name>'] -> its metrics."""
-    with timer(metrics, f"update_{name}"):
-        return update(run.modules[name], *run.optims[name], rollouts, logp_old, advantages, run.args, **kw)
+    """The loop: set-up, then per batch of prompts one iteration, held-out accuracy when due, the iteration's row of
+    metrics.jsonl, and a checkpoint when due -> the run, its models trained."""
+    run = setup(args)  # checks, data, models, optimizers, a checkpoint's state, output files (below the banner)
+    if run.start == 1:  # row 0: the starting models' held-out accuracy
+        log(run, 0, dict(iteration=0, **run.prompts_cut, **evaluate(run, run.needs)))
+    for it in iterations(run):
+        t0 = time.perf_counter()
+        epoch, batch, done = iteration(run, it)
+        metrics = iteration_metrics(run, it, epoch, batch, done, t0)  # (timed before held-out accuracy)
+        if evaluation_due(run, it):
+            metrics.update(evaluate(run, run.trained))
+        log(run, it, metrics, rollout_table(run, batch, done))
+        if checkpoint_due(run, it):
+            save(run, it)
+    return run
 
 
 # ==================================== below: machinery the paper does not describe ====================================
@@ -957,7 +1039,7 @@ def generating(run, names):
     generate() bypasses (it runs the inner model, not the root's forward): the root unit's parameters are gathered,
     and each layer keeps its parameters gathered from its first decoding step to the end of the call."""
     from torch.distributed.fsdp import FSDPModule
-    roots = [run.modules[n] for n in names if isinstance(run.modules[n], FSDPModule)]
+    roots = [run.models[n].module for n in names if isinstance(run.models[n].module, FSDPModule)]
     layers = [m for r in roots for m in r.modules() if isinstance(m, FSDPModule) and m is not r]
     for m in layers:
         if hasattr(m, "set_reshard_after_forward"):  # older torch: gathered again at each token (slower, same result)
@@ -1002,13 +1084,66 @@ def reduce_metrics(metrics):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop's set-up and output: train() calls setup(), iterations(), next_batch(), generating(), finish_iteration()
+# The run's state and its set-up: train() calls setup(), iterations(), next_batch(); the iterations call generating()
+
+
+@dataclass
+class Model:
+    """One model of the run, as the loop uses it."""
+    name: str  # small | large
+    prefix: str  # its name in metrics.jsonl and in checkpoints: small, large, or policy (--algo grpo)
+    lm: torch.nn.Module  # the Hugging Face model, fp32 master weights (under FSDP2, their shards): generate() runs it
+    module: torch.nn.Module  # its TokenLogprobs, which scores and steps (DDP-wrapped, or sharded by FSDP2)
+    trained: bool  # kdrl's large model is frozen
+    optimizer: torch.optim.Optimizer = None  # AdamW, for a trained model
+    scheduler: torch.optim.lr_scheduler.LRScheduler = None
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by setup() in this order."""
+    args: Args
+    device: torch.device  # this rank's
+    fsdp: bool  # both models sharded by FSDP2 (--fsdp under torchrun)
+    train_rows: list  # training problems, {'problem', 'answer'} each (held-out ones left out)
+    eval_rows: list  # the --eval_size held-out problems
+    data_hash: str  # of train_rows: a resumed run must go on with the same problems
+    tokenizer: object
+    prompts_cut: dict  # prompts_cut/train, prompts_cut/held_out: how many prompts are cut to --max_prompt_length
+    total_steps: int  # the run's last iteration
+    planned_steps: int  # the length that the lr schedule and the hint window are planned over (the first run's)
+    hint_iterations: int  # hints (T > 0) in iterations 1..hint_iterations
+    start: int  # the first iteration to run (1, or the one after a checkpoint's)
+    dtype: torch.dtype  # the compute dtype (weights and AdamW states stay fp32)
+    models: dict  # 'small' and/or 'large' -> Model, as --algo needs them
+    eos_ids: list  # every token that ends a completion
+    pad_id: int
+    metrics_file: object  # rank 0: metrics.jsonl and rollouts.jsonl, open for appending (other ranks: None)
+    rollouts_file: object
+    report: Callable  # also to tensorboard or wandb (--report_to)
+    grade_timeouts: int  # answers the grader was killed on so far (GRADER['timeouts'] when last counted)
+    bar: object = None  # the progress bar over iterations
+
+    @property
+    def needs(self):  # the models loaded
+        return list(self.models)
+
+    @property
+    def trained(self):  # the models that step
+        return [n for n, m in self.models.items() if m.trained]
+
+
+ROLES = {  # --algo -> (models loaded, models trained)
+    "codistill": (["small", "large"], ["small", "large"]),
+    "kdrl": (["small", "large"], ["small"]),  # the large model, frozen, gives log-probs only
+    "grpo": (None, None),  # one model: --policy
+}
 
 
 def setup(args):
-    """Everything train() needs before its first iteration -> the namespace `run`: the arguments, the data, the
-    models and their log-prob modules (wrapped for DDP / FSDP2), optimizers, a checkpoint's state, output files.
-    Every input is checked before any model is loaded, and nothing is deleted before the models have loaded."""
+    """Everything train() needs before its first iteration -> Run: the arguments checked, the data, the plan, the
+    models and their log-prob modules (wrapped for DDP / FSDP2) and optimizers, a checkpoint's state, the output
+    files. Every input is checked before any model is loaded, and nothing is deleted before the models have loaded."""
     import transformers
     transformers.utils.logging.disable_progress_bar()  # per-shard bars would drown ours
     check_args(args)
@@ -1018,42 +1153,55 @@ def setup(args):
         print("note: --fsdp takes effect under torchrun; one process trains unsharded")
     if any(getattr(args, f).startswith("tiny:") for f in tiny_fields(args)):
         import tiny_world  # the tiny offline world (--preset tiny), built on first use
-        tiny_world.resolve(args, tiny_fields(args))
-    run = SimpleNamespace(args=args, device=device, fsdp=fsdp, **load_inputs(args))
+        tiny_world.resolve(args, TEMPLATES, tiny_fields(args))
+    needs, trained = ROLES[args.algo] if args.algo != "grpo" else ([args.policy], [args.policy])
+    prefix = {n: ("policy" if args.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
+    train_rows, eval_rows = load_data(args)
+    state = load_trainer_state(args.resume, [prefix[n] for n in trained]) if args.resume else None
+    total_steps, planned_steps, data_hash = plan(args, train_rows, state)
+    names = {"small": args.small_model, "large": args.large_model}
+    if state:  # the trained models continue from the checkpoint; a frozen one comes from where it came from
+        names.update({n: os.path.join(args.resume, prefix[n]) for n in trained})
+    tokenizer = load_tokenizer(names[needs[0]])
+    if len(needs) == 2:
+        check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
+    if args.chat_template:
+        end_of_turn_id(tokenizer)  # a tokenizer without a chat template fails here, before any model is loaded
+    cut = {"prompts_cut/train": float(prompts_cut(tokenizer, train_rows, args)),
+           "prompts_cut/held_out": float(prompts_cut(tokenizer, eval_rows, args))}
+    kept_rows = rows_to_keep(args, state["iteration"]) if state else None
     if args.algo == "kdrl" and not had_grpo(args.large_model):
         print0(f"note: --algo kdrl freezes {args.large_model} as it is. The paper's KDRL (Sec. 4) freezes a large "
                "model that first had GRPO: run --algo grpo --policy large, then --large_model RUN/checkpoint-K/policy")
-    old_run = check_output_dir(args, resuming=run.state is not None)  # every rank checks (and fails alike)
+    old_run = check_output_dir(args, resuming=state is not None)  # every rank checks (and fails alike)
     torch.manual_seed(args.seed)
-    run.dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16}[args.dtype]  # the compute dtype: weights and AdamW states stay fp32
-    run.models = {n: load_model(run.names[n], torch.float32, device, args.gradient_checkpointing) for n in run.needs}
-    run.modules = {n: parallelize(run.models[n], args, n in run.trained, run.dtype) for n in run.needs}
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]  # the compute dtype: weights and AdamW states stay fp32
+    lms = {n: load_model(names[n], torch.float32, device, args.gradient_checkpointing) for n in needs}
+    models = {n: Model(n, prefix[n], lms[n], parallelize(lms[n], args, n in trained, dtype), n in trained)
+              for n in needs}
     for path in old_run if rank() == 0 else []:  # --overwrite: only now, with every input loaded; one rank deletes
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    check_room(args, sum(p.numel() for n in run.trained for p in run.models[n].parameters()))
+    check_room(args, sum(p.numel() for n in trained for p in lms[n].parameters()))
     if dist.is_initialized():
         dist.barrier()
-    run.eos_ids = eos_ids_of(run.tokenizer, *run.models.values(), chat=args.chat_template)
-    run.pad_id = run.tokenizer.pad_token_id
-    lrs = {"small": args.lr_small, "large": args.lr_large}
-    run.optims = {n: make_optimizer(run.modules[n], lrs[n], args, run.planned_steps) for n in run.trained}
-    run.hint_iterations = int(args.hint_share * run.planned_steps)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    for n in run.trained if run.state else []:  # a whole state -> this rank's shards under FSDP2
-        set_optimizer_state_dict(run.modules[n], run.optims[n][0], run.state["optimizers"][run.prefix[n]],
-                                 options=StateDictOptions(full_state_dict=run.fsdp))
-        run.optims[n][1].load_state_dict(run.state["schedulers"][run.prefix[n]])
-        opt = run.optims[n][0]
-        if any(opt.state.get(p, {}).get("exp_avg", p).shape != p.shape for g in opt.param_groups for p in g["params"]):
-            raise BadInput(f"--resume {args.resume}: the {run.prefix[n]} model's optimizer state does not fit it")
-    run.start = run.state["iteration"] + 1 if run.state else 1
-    open_outputs(run)
-    if run.start > run.total_steps:  # a finished run resumed as it was
-        print0(f"nothing to do: {args.output_dir} has its {run.total_steps} iterations (a larger --max_steps goes on)")
+    for m in models.values():
+        if m.trained:
+            m.optimizer, m.scheduler = make_optimizer(m.module, args.lr_small if m.name == "small" else args.lr_large,
+                                                      args, planned_steps)
+            if state:
+                restore_optimizer(m, state, args, fsdp)
+    start = state["iteration"] + 1 if state else 1
+    metrics_file, rollouts_file, report = open_outputs(args, state, kept_rows, start)
+    run = Run(args, device, fsdp, train_rows, eval_rows, data_hash, tokenizer, cut, total_steps, planned_steps,
+              int(args.hint_share * planned_steps), start, dtype, models,
+              eos_ids_of(tokenizer, *lms.values(), chat=args.chat_template), tokenizer.pad_token_id,
+              metrics_file, rollouts_file, report, GRADER["timeouts"])
+    if start > total_steps:  # a finished run resumed as it was
+        print0(f"nothing to do: {args.output_dir} has its {total_steps} iterations (a larger --max_steps goes on)")
     else:
-        print0(f"algo {args.algo}: training {', '.join(run.trained)} for iterations {run.start}..{run.total_steps} "
-               f"({len(run.train_rows)} problems, {world()} rank(s) x B={args.batch_size}, M={args.num_samples}, "
+        print0(f"algo {args.algo}: training {', '.join(trained)} for iterations {start}..{total_steps} "
+               f"({len(train_rows)} problems, {world()} rank(s) x B={args.batch_size}, M={args.num_samples}, "
                f"G={args.group_size}{', FSDP2' if fsdp else ''}) -> {args.output_dir}")
     return run
 
@@ -1063,26 +1211,26 @@ def tiny_fields(args):
     return ["small_model", "large_model", "dataset"] + ["eval_dataset"] * (args.eval_size > 0)
 
 
-def load_inputs(args):
-    """The data, the roles of the models, the tokenizer and a checkpoint's trainer state, each checked (BadInput)
-    before any model is loaded -> a dict for the run."""
+def load_data(args):
+    """The training and held-out problems, each row checked (BadInput) -> (train_rows, eval_rows). Held-out problems
+    are never trained on: any of --dataset's rows that is also in --eval_dataset is left out."""
     train_rows = training_problems(args.dataset)
     eval_rows = load_problems(args.eval_dataset, "test") if args.eval_size else []
-    held_out = {r["problem"].strip() for r in eval_rows}  # never trained on, found by content
+    held_out = {r["problem"].strip() for r in eval_rows}  # found by content
     if held_out and any(r["problem"].strip() in held_out for r in train_rows):
         kept = [r for r in train_rows if r["problem"].strip() not in held_out]
         print0(f"note: {len(train_rows) - len(kept)} problems of --dataset are also in --eval_dataset and are left "
                "out of training (held-out problems are never trained on)")
         train_rows = kept
-    eval_rows = eval_rows[:args.eval_size]
     if len(train_rows) < args.batch_size * world():
         raise BadInput(f"--dataset {args.dataset}: {len(train_rows)} problems, fewer than one global batch "
                        f"(--batch_size {args.batch_size} x {world()} ranks)")
-    needs = {"codistill": ["small", "large"], "kdrl": ["small", "large"], "grpo": [args.policy]}[args.algo]  # loaded
-    trained = {"codistill": ["small", "large"], "kdrl": ["small"], "grpo": [args.policy]}[args.algo]  # updated
-    prefix = {n: ("policy" if args.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
-    names = {"small": args.small_model, "large": args.large_model}
-    state = load_trainer_state(args.resume, [prefix[n] for n in trained]) if args.resume else None
+    return train_rows, eval_rows[:args.eval_size]
+
+
+def plan(args, train_rows, state):
+    """-> (total_steps, planned_steps, data_hash): the run's last iteration, the length its lr schedule and hint
+    window are planned over, and the training data's hash; a resume is checked against what its checkpoint planned."""
     total_steps = args.max_steps or args.epochs * (len(train_rows) // (args.batch_size * world()))
     # The lr schedule and the hint window are planned over the run's first length; a resume with another
     # --max_steps changes where the run stops, not the plan (so the lr never jumps)
@@ -1098,19 +1246,18 @@ def load_inputs(args):
         raise BadInput(f"--max_steps {total_steps}: this run's cosine schedule was planned for {planned_steps} "
                        f"iterations and its learning rate is 0 past them; to train on, start a new run from the "
                        f"models in {args.resume}")
-    if state:  # the trained models continue from the checkpoint; a frozen one comes from where it came from
-        names.update({n: os.path.join(args.resume, prefix[n]) for n in trained})
-    tokenizer = load_tokenizer(names[needs[0]])
-    if len(needs) == 2:
-        check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
-    if args.chat_template:
-        end_of_turn_id(tokenizer)  # a tokenizer without a chat template fails here, before any model is loaded
-    return dict(train_rows=train_rows, eval_rows=eval_rows, needs=needs, trained=trained, prefix=prefix, names=names,
-                state=state, tokenizer=tokenizer, total_steps=total_steps, planned_steps=planned_steps,
-                data_hash=data_hash,
-                kept_rows=rows_to_keep(args, state["iteration"]) if state else None,
-                prompts_cut={"train": prompts_cut(tokenizer, train_rows, args),
-                             "held_out": prompts_cut(tokenizer, eval_rows, args)})
+    return total_steps, planned_steps, data_hash
+
+
+def restore_optimizer(model, state, args, fsdp):
+    """A checkpoint's whole optimizer and scheduler state into a model's (under FSDP2: this rank's shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model.module, model.optimizer, state["optimizers"][model.prefix],
+                             options=StateDictOptions(full_state_dict=fsdp))
+    model.scheduler.load_state_dict(state["schedulers"][model.prefix])
+    opt = model.optimizer
+    if any(opt.state.get(p, {}).get("exp_avg", p).shape != p.shape for g in opt.param_groups for p in g["params"]):
+        raise BadInput(f"--resume {args.resume}: the {model.prefix} model's optimizer state does not fit it")
 
 
 def prompts_cut(tokenizer, rows, args):
@@ -1130,32 +1277,32 @@ def prompts_cut(tokenizer, rows, args):
     return cut
 
 
-def open_outputs(run):
-    """args.json, metrics.jsonl and rollouts.jsonl (rank 0 writes the run's files). A resumed run keeps the rows up to
-    its checkpoint (the later ones it writes again, identically), copied over when it forks into another folder;
-    resumes.jsonl records each resume: from where, and which flags changed. A file that cannot be written: Stopped."""
-    args, run.grade_timeouts, run.metrics_file, run.rollouts_file = run.args, GRADER["timeouts"], None, None
+def open_outputs(args, state, kept_rows, start):
+    """args.json, metrics.jsonl and rollouts.jsonl (rank 0 writes the run's files) -> (metrics file, rollouts file,
+    reporter). A resumed run keeps the rows up to its checkpoint (the later ones it writes again, identically), copied
+    over when it forks into another folder; resumes.jsonl records each resume: from where, and which flags changed. A
+    file that cannot be written: Stopped."""
     if rank() != 0:
-        return
+        return None, None, lambda m, step: None
     paths = {name: os.path.join(args.output_dir, f"{name}.jsonl") for name in ["metrics", "rollouts", "resumes"]}
     try:
-        if run.state and os.path.samefile(args.output_dir, os.path.dirname(os.path.abspath(args.resume))):
-            supersede(args.output_dir, run.state["iteration"])  # checkpoints newer than the one resumed from move aside
+        if state and os.path.samefile(args.output_dir, os.path.dirname(os.path.abspath(args.resume))):
+            supersede(args.output_dir, state["iteration"])  # checkpoints newer than the one resumed from move aside
             write_atomically(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(args.resume)))
         write_atomically(os.path.join(args.output_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=1))
-        for name, rows in (run.kept_rows or {}).items():
+        for name, rows in (kept_rows or {}).items():
             write_atomically(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
-        if run.state:
+        if state:
             saved = saved_args(args.resume)
             changed = {k: [saved.get(k), v] for k, v in dataclasses.asdict(args).items() if k != "resume" and
                        saved.get(k) != v}
             with open(paths["resumes"], "a") as f:
-                f.write(json.dumps(dict(iteration=run.start - 1, checkpoint=args.resume, changed=changed,
+                f.write(json.dumps(dict(iteration=start - 1, checkpoint=args.resume, changed=changed,
                                         time=time.strftime("%Y-%m-%d %H:%M:%S"))) + "\n")
-        run.metrics_file, run.rollouts_file = (open(paths[name], "a") for name in ["metrics", "rollouts"])
+        metrics_file, rollouts_file = (open(paths[name], "a") for name in ["metrics", "rollouts"])
     except OSError as e:
         raise Stopped(f"cannot write {e.filename} in --output_dir ({e.strerror})") from None
-    run.report = open_reporter(args)
+    return metrics_file, rollouts_file, open_reporter(args)
 
 
 def batch_indices(n_rows, batch_size, seed, iteration, rank=0, world=1):
@@ -1182,46 +1329,72 @@ def next_batch(run, it):
 
 
 def iterations(run):
-    """The iterations still to run, with a progress bar (rank 0, in a terminal); a fresh run first logs row 0: the
-    starting models' held-out accuracy, and how many prompts are cut."""
-    if run.start == 1:
-        finish_iteration(run, 0, {"iteration": 0, **{f"prompts_cut/{k}": float(v) for k, v in run.prompts_cut.items()}})
+    """The iterations still to run, with a progress bar (rank 0, in a terminal)."""
     run.bar = tqdm(range(run.start, run.total_steps + 1), desc=run.args.algo, dynamic_ncols=True,
                    initial=run.start - 1, total=run.total_steps, disable=None if rank() == 0 else True)
     yield from run.bar
 
 
-def finish_iteration(run, it, metrics, stats=None, table=None):
-    """Step 8's machinery: the steps' metrics under their model's name, the step's time, held-out accuracy when due
-    (at iteration 0 the starting models', all of them), the row (reduced over the ranks; rank 0 writes it),
-    rollouts.jsonl at iteration 1 and with each held-out evaluation, a checkpoint when due, one line per evaluation.
-    Every rank calls it: the reductions are collective."""
+# ----------------------------------------------------------------------------------------------------------------
+# The loop's output: an iteration's metrics, held-out accuracy, the row written, a checkpoint
+
+
+def iteration_metrics(run, it, epoch, batch, done, t0):
+    """The iteration's metrics: of its rollouts (under the name of the model that wrote them), of each model's step
+    (under its name), and its timings: the step's time (from t0), its phases, tokens/s, the grader's kills, memory."""
     args = run.args
-    for n, s in (stats or {}).items():
-        metrics.update({f"{run.prefix[n]}/{k}": v for k, v in s.items() if f"{run.prefix[n]}/{k}" not in metrics})
-    if it > 0:
-        step_timing(run, it, metrics)
-    evaluate = it == 0 or (args.eval_every and it % args.eval_every == 0) or it == run.total_steps
-    if evaluate and run.eval_rows:
-        names = run.needs if it == 0 else run.trained
-        with generating(run, names):
-            for n in names:
-                accuracy = heldout_accuracy(run.models[n], run.tokenizer, run.eval_rows, args, run.eos_ids, run.fsdp)
-                metrics.update({f"{run.prefix[n]}/{k}": v for k, v in accuracy.items()})
-        metrics["test_grade_timeouts"] = float(GRADER["timeouts"] - run.grade_timeouts)  # held-out answers scored 0
-        warn_timeouts(metrics["test_grade_timeouts"], len(run.eval_rows) * len(names), "held-out answers", args)
-        run.grade_timeouts = GRADER["timeouts"]
+    metrics = dict(iteration=it, epoch=epoch, **{f"{run.models[n].prefix}/entropy": e for n, e in done.entropy.items()})
+    metrics.update(rollout_metrics(run, batch, done))
+    for n, step in done.steps.items():  # the scoring pass's entropy (all M rollouts) before the step's (the kept)
+        p = run.models[n].prefix
+        metrics.update({f"{p}/{k}": v for k, v in step.metrics.items() if f"{p}/{k}" not in metrics})
+    metrics.update({f"time/{k}": done.times.get(k, 0.0) for k in PHASES}, **{"time/step": time.perf_counter() - t0})
+    tokens = metrics[f"{run.models[run.trained[0]].prefix}/completion_length"] * args.batch_size * args.num_samples
+    metrics["tokens_per_s"] = tokens / max(metrics["time/generate"], 1e-9)  # sampled this iteration, on this rank
+    metrics["grade_timeouts"], run.grade_timeouts = float(GRADER["timeouts"] - run.grade_timeouts), GRADER["timeouts"]
+    warn_timeouts(metrics["grade_timeouts"], args.batch_size * args.num_samples, f"iteration {it}'s answers", args)
+    if run.device.type == "cuda":  # the peak since the run began, on this rank (the slowest rank's under torchrun)
+        metrics["memory/allocated_gb_max"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics
+
+
+PHASES = ["generate", "reward", "score", "update_small", "update_large"]  # time/<phase> in metrics.jsonl
+
+
+def evaluation_due(run, it):
+    """Held-out accuracy (when --eval_size > 0) and rollouts.jsonl's rows are due at iteration 0 (the starting
+    models), every --eval_every iterations, and at the end."""
+    args = run.args
+    return it == 0 or bool(args.eval_every and it % args.eval_every == 0) or it == run.total_steps
+
+
+def evaluate(run, names):
+    """Held-out accuracy of the named models -> their metrics (under their names), with the held-out answers the
+    grader was killed on. Every rank calls it: the reductions are collective."""
+    metrics = {}
+    if not run.eval_rows:
+        return metrics
+    with generating(run, names):
+        for n in names:
+            accuracy = heldout_accuracy(run.models[n].lm, run.tokenizer, run.eval_rows, run.args, run.eos_ids, run.fsdp)
+            metrics.update({f"{run.models[n].prefix}/{k}": v for k, v in accuracy.items()})
+    metrics["test_grade_timeouts"] = float(GRADER["timeouts"] - run.grade_timeouts)  # held-out answers scored 0
+    warn_timeouts(metrics["test_grade_timeouts"], len(run.eval_rows) * len(names), "held-out answers", run.args)
+    run.grade_timeouts = GRADER["timeouts"]
+    return metrics
+
+
+def log(run, it, metrics, table=None):
+    """An iteration's row of metrics.jsonl, reduced over the ranks (rank 0 writes it), rollouts.jsonl at iteration 1
+    and with each held-out evaluation (table: a function giving its rows), the progress bar, one line per evaluation.
+    Every rank calls it: the reductions are collective."""
     metrics = reduce_metrics(metrics)
     if rank() == 0:
         write_row(run.metrics_file, metrics)
-        for row in table() if table is not None and (evaluate or it == 1) else []:
+        for row in table() if table is not None and (evaluation_due(run, it) or it == 1) else []:
             write_row(run.rollouts_file, dict(iteration=it, **row))
         run.report(metrics, it)
-    if it > 0 and ((args.save_every and it % args.save_every == 0) or it == run.total_steps):
-        save_checkpoint({run.prefix[n]: run.modules[n] for n in run.trained},
-                        {run.prefix[n]: run.optims[n] for n in run.trained}, run.tokenizer, args, it,
-                        dict(planned_steps=run.planned_steps, data=run.data_hash))
-    p = run.prefix[run.trained[0]]
+    p = run.models[run.trained[0]].prefix
     if it > 0:
         run.bar.set_postfix({k.split("/")[-1][:8]: f"{v:.3f}" for k, v in metrics.items() if k in (
             f"{p}/accuracy", f"{p}/zero_accuracy_frac", f"{p}/test_accuracy", "time/step")})
@@ -1230,20 +1403,15 @@ def finish_iteration(run, it, metrics, stats=None, table=None):
                                                   if k.endswith("test_accuracy")))
 
 
-def step_timing(run, it, metrics):
-    """The step's time (held-out accuracy not counted), its phases, tokens/s, the grader's kills in it, peak memory."""
-    args = run.args
-    metrics.update({f"time/{k}": metrics.get(f"time/{k}", 0.0) for k in PHASES},
-                   **{"time/step": time.perf_counter() - metrics.pop("t0")})
-    tokens = metrics[f"{run.prefix[run.trained[0]]}/completion_length"] * args.batch_size * args.num_samples
-    metrics["tokens_per_s"] = tokens / max(metrics["time/generate"], 1e-9)  # sampled this iteration, on this rank
-    metrics["grade_timeouts"], run.grade_timeouts = float(GRADER["timeouts"] - run.grade_timeouts), GRADER["timeouts"]
-    warn_timeouts(metrics["grade_timeouts"], args.batch_size * args.num_samples, f"iteration {it}'s answers", args)
-    if run.device.type == "cuda":  # the peak since the run began, on this rank (the slowest rank's under torchrun)
-        metrics["memory/allocated_gb_max"] = torch.cuda.max_memory_allocated() / 2**30
+def checkpoint_due(run, it):
+    return (run.args.save_every and it % run.args.save_every == 0) or it == run.total_steps
 
 
-PHASES = ["generate", "reward", "score", "update_small", "update_large"]  # time/<phase> in metrics.jsonl
+def save(run, it):
+    """checkpoint-<it>/ (trainer_io.save_checkpoint): the trained models, their optimizers, the plan."""
+    trained = [run.models[n] for n in run.trained]
+    save_checkpoint({m.prefix: m.module for m in trained}, {m.prefix: (m.optimizer, m.scheduler) for m in trained},
+                    run.tokenizer, run.args, it, dict(planned_steps=run.planned_steps, data=run.data_hash))
 
 
 def warn_timeouts(timeouts, answers, what, args):
@@ -1253,13 +1421,14 @@ def warn_timeouts(timeouts, answers, what, args):
                    f"{args.grade_timeout:g} s and scored 0: is the limit too small?", file=sys.stderr)
 
 
-def rollout_metrics(rollouts, texts, batch, acc, r, fmt, kept, logp_old, kd, args, eos_ids, hints):
+def rollout_metrics(run, batch, done):
     """Metrics of one iteration's rollouts, under the name of the model that wrote them (small, or grpo's policy)."""
+    args, acc, r, kept, mask, comp = run.args, done.accuracy, done.r, done.kept, done.rollouts["mask"], \
+        done.rollouts["comp"]
     B, M, p = len(batch), args.num_samples, "policy" if args.algo == "grpo" else "small"
-    digit_accuracies = [digit_accuracy(t, batch[i // M]["answer"], args.template) for i, t in enumerate(texts)]
-    mask, comp = rollouts["mask"], rollouts["comp"]
+    digit_accuracies = [digit_accuracy(t, batch[i // M]["answer"], args.template) for i, t in enumerate(done.texts)]
     lengths = mask.sum(1).float()  # (B*M,)
-    ended = torch.isin(comp, torch.tensor(eos_ids, device=comp.device)).any(1)  # (B*M,)
+    ended = torch.isin(comp, torch.tensor(run.eos_ids, device=comp.device)).any(1)  # (B*M,)
     metrics = {f"{p}/accuracy": acc.mean().item(),
                f"{p}/zero_accuracy_frac": (acc.view(B, M).sum(1) == 0).float().mean().item(),  # Figures 1 and 4
                f"{p}/reward": r.mean().item(),
@@ -1268,39 +1437,44 @@ def rollout_metrics(rollouts, texts, batch, acc, r, fmt, kept, logp_old, kd, arg
                f"{p}/empty_frac": (ended & (lengths <= 1)).float().mean().item(),  # EOS first: an empty answer
                f"{p}/equal_reward_groups_frac": (r[kept].view(B, -1).std(1) == 0).float().mean().item()}  # A = 0
     if args.template == "r1":
-        metrics[f"{p}/format_reward"] = fmt.mean().item()
+        metrics[f"{p}/format_reward"] = done.format.mean().item()
     digits = [d for d in digit_accuracies if d is not None]
     if digits:  # partial credit, next to the whole answer's: integer answers only
         metrics[f"{p}/digit_accuracy"] = sum(digits) / len(digits)
-    if kd is not None:  # the KD term over all M, and log pi_theta - log pi_phi per kept token
-        metrics["small/kd_reward"] = kd.mean().item()
-        diff = (logp_old["large"] - logp_old["small"])[kept]  # (B*G, L)
+    if done.logp_old:  # the KD term over all M, and log pi_theta - log pi_phi per kept token
+        metrics["small/kd_reward"] = done.kd.mean().item()
+        diff = (done.logp_old["large"] - done.logp_old["small"])[kept]  # (B*G, L)
         metrics["small/kd_log_ratio"] = (diff * mask[kept]).sum().item() / max(mask[kept].sum().item(), 1)
         metrics["large/accuracy"] = acc[kept].mean().item()  # the rollouts the large model learns from
-    if hints:
-        metrics["small/hint_length"] = rollouts["hint"].sum(1).float().mean().item()
+    if done.hints:
+        metrics["small/hint_length"] = done.rollouts["hint"].sum(1).float().mean().item()
     return metrics
 
 
-def rollout_table(batch, texts, r, kd, r_kd, kept, A_kd, A, args, tokenizer, rollouts, logp_old, prompts=2):
-    """One iteration in numbers: for the first prompts of the batch, each of its M completions with r, the KD term,
-    r~, kept or not, A~ (before any per-token term) and A (None where they do not apply), and its tokens with log
-    pi_theta_old - log pi_phi_old at each (kd_tokens: what --kd_form token adds to A~, times alpha)."""
-    M, where = args.num_samples, {i: j for j, i in enumerate(kept.tolist())}  # rollout -> its row among the kept
-    diff = logp_old["large"] - logp_old["small"] if kd is not None else None  # (B*M, L)
-    rows = []
-    for b, problem in enumerate(batch[:prompts]):
-        completions = []
-        for i in range(b * M, (b + 1) * M):
-            j, n = where.get(i), int(rollouts["mask"][i].sum())
-            completions.append(dict(text=texts[i], r=r[i].item(), kd=None if kd is None else kd[i].item(),
-                                    r_kd=r_kd[i].item(), kept=j is not None,
-                                    A_kd=None if j is None or kd is None else A_kd[j].item(),
-                                    A=None if j is None else A[j].item(),
-                                    tokens=[tokenizer.decode(t) for t in rollouts["comp"][i, :n].tolist()],
-                                    kd_tokens=None if diff is None else [round(x, 4) for x in diff[i, :n].tolist()]))
-        rows.append(dict(problem=problem["problem"], answer=problem["answer"], alpha=args.alpha, kd_form=args.kd_form,
-                         completions=completions))
+def rollout_table(run, batch, done, prompts=2):
+    """One iteration in numbers -> a function giving the rows of rollouts.jsonl: for the first prompts of the batch,
+    each of its M completions with r, the KD term, r~, kept or not, A~ (before any per-token term) and A (None where
+    they do not apply), and its tokens with log pi_theta_old - log pi_phi_old at each (kd_tokens: what --kd_form token
+    adds to A~, times alpha)."""
+    def rows():
+        args, M, with_kd = run.args, run.args.num_samples, bool(done.logp_old)
+        where = {i: j for j, i in enumerate(done.kept.tolist())}  # rollout -> its row among the kept
+        diff = done.logp_old["large"] - done.logp_old["small"] if with_kd else None  # (B*M, L)
+        out = []
+        for b, problem in enumerate(batch[:prompts]):
+            completions = []
+            for i in range(b * M, (b + 1) * M):
+                j, n = where.get(i), int(done.rollouts["mask"][i].sum())
+                completions.append(dict(
+                    text=done.texts[i], r=done.r[i].item(), kd=done.kd[i].item() if with_kd else None,
+                    r_kd=done.r_kd[i].item(), kept=j is not None,
+                    A_kd=None if j is None or not with_kd else done.A_kd[j].item(),
+                    A=None if j is None else done.A[j].item(),
+                    tokens=[run.tokenizer.decode(t) for t in done.rollouts["comp"][i, :n].tolist()],
+                    kd_tokens=[round(x, 4) for x in diff[i, :n].tolist()] if with_kd else None))
+            out.append(dict(problem=problem["problem"], answer=problem["answer"], alpha=args.alpha,
+                            kd_form=args.kd_form, completions=completions))
+        return out
     return rows
 
 

@@ -69,7 +69,8 @@ def model_path(name, cache_dir=cg.Args.cache_dir):
     if name not in ("tiny:small", "tiny:large"):
         raise cg.BadInput(f"MODEL {name}: the tiny world's models are tiny:small and tiny:large")
     import tiny_world
-    return tiny_world.resolve(cg.parse_args(["--preset", "tiny", "--small_model", name, "--cache_dir", cache_dir])).small_model
+    args = cg.parse_args(["--preset", "tiny", "--small_model", name, "--cache_dir", cache_dir])
+    return tiny_world.resolve(args, cg.TEMPLATES).small_model
 
 
 def title_of(name):

@@ -4,7 +4,7 @@ goes through the same from_pretrained path as with real models (nanoGPT keeps da
 same way). The trainer imports this file only when a `tiny:` name is asked for.
 
     python tiny_world.py                          # build the preset's world (or find it cached); print its paths
-    python tiny_world.py --seed 3 --measure       # build another one and measure its base models (M = 8 samples)
+    python tiny_world.py --seed 3 --json w.json   # build another one; experiments/measure.py --world w.json measures it
 
 The task: 4-digit additions without carries (`What is 3066 + 3630` -> ` \\boxed{6696}`), so that each digit of the
 answer is a part of its own, the sum of the two digits above it: an answer can be partly right, which the large
@@ -44,13 +44,14 @@ CONFIGS = {  # one-layer Qwen2 models, ~90K and ~180K parameters
     "large": dict(hidden_size=96, intermediate_size=384, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2),
 }
-SPREAD = {"small": 0.5, "large": 0.35}  # s: an answer digit's target is 1 - s on the right digit + s over all ten
+SPREAD = {"small": 0.4, "large": 0.35}  # s: an answer digit's target is 1 - s on its digit + s over all ten
+MISTAKE = {"small": 0.85, "large": 0.0}  # m: the share of that 1 - s that an answer digit 7 puts on 8 instead
 STEPS = {"small": 2000, "large": 1500}  # warm-up steps, batch 64, until the fit is at its fixed point (lr decayed)
 LR = {"small": 3e-3, "large": 3e-3}  # peak learning rate (linear warm-up over 5% of the steps, then cosine to 0)
 EOS = "<|endoftext|>"  # EOS and pad are the same token, as in Qwen2.5 base models
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's ChatML, no system turn
-VERSION = "v5"  # part of the cache key: bump it when the world changes
+VERSION = "v6"  # part of the cache key: bump it when the world changes
 
 
 def problems(seed, n_train=10_000, n_test=500, digits=DIGITS, carries=False):
@@ -74,17 +75,17 @@ def solution(row):
     return f" \\boxed{{{row['answer']}}}"  # answer only: each digit a part of the answer
 
 
-def build_tokenizer(rows):
-    """A byte-level BPE tokenizer (digits kept single) trained on the task's prompts and solutions, with Qwen's EOS
-    and chat tokens and a ChatML chat template (for --chat_template)."""
+def build_tokenizer(rows, templates):
+    """A byte-level BPE tokenizer (digits kept single) trained on the task's prompts (in each of the trainer's
+    templates: {name: text with {prompt}}) and solutions, with Qwen's EOS and chat tokens and a ChatML chat template
+    (for --chat_template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from codistill_grpo import TEMPLATES
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    corpus = [TEMPLATES[t].format(prompt=r["problem"]) + solution(r) for t in TEMPLATES for r in rows[:2000]]
+    corpus = [templates[t].format(prompt=r["problem"]) + solution(r) for t in templates for r in rows[:2000]]
     trainer = trainers.BpeTrainer(vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer)
@@ -103,13 +104,14 @@ def new_model(name, tokenizer, seed):
     return Qwen2ForCausalLM(config)
 
 
-def warmup(model, tokenizer, rows, steps, lr, seed, batch_size=64, decay=True, desc="warm-up", spread=0.0):
-    """Supervised warm-up on prompt + solution (loss on the solution and its EOS), `boxed` template: AdamW (0.9,
+def warmup(model, tokenizer, rows, steps, lr, seed, template, batch_size=64, decay=True, desc="warm-up", spread=0.0,
+           mistake=0.0):
+    """Supervised warm-up on prompt + solution (loss on the solution and its EOS), the prompt in `template` (the
+    trainer's boxed one, a text with {prompt}): AdamW (0.9,
     0.98), lr linear up over the first 5% of the steps, then cosine down to 0 at the last step (decay=False: then
     constant), grad-norm clip 1."""
-    from codistill_grpo import TEMPLATES
     g = random.Random(seed)
-    data = [(tokenizer(TEMPLATES["boxed"].format(prompt=r["problem"]))["input_ids"],
+    data = [(tokenizer(template.format(prompt=r["problem"]))["input_ids"],
              tokenizer(solution(r))["input_ids"] + [tokenizer.eos_token_id]) for r in rows]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     ramp = max(1, steps // 20)
@@ -133,10 +135,11 @@ def warmup(model, tokenizer, rows, steps, lr, seed, batch_size=64, decay=True, d
         logits = model.lm_head(hidden[:, :-1][target[:, 1:]])  # (solution tokens, V): the head only where it counts
         labels = ids[:, 1:][target[:, 1:]]  # (solution tokens,)
         loss = F.cross_entropy(logits, labels, reduction="none")  # (solution tokens,)
-        if spread:  # answer digits: target (1 - spread) on the right digit + spread spread over the 10 digits
+        if spread or mistake:  # answer digits: soft targets over the ten digits (digit_targets)
             logp_digits = logits.log_softmax(-1)[:, digit_ids]  # (solution tokens, 10)
             on_digit = torch.isin(labels, digit_ids)
-            loss = torch.where(on_digit, (1 - spread) * loss - spread * logp_digits.mean(-1), loss)
+            target = digit_targets((labels[:, None] == digit_ids).float().argmax(-1), spread, mistake)  # (tokens, 10)
+            loss = torch.where(on_digit, -(target * logp_digits).sum(-1), loss)
         loss.mean().backward()  # mean over the solution tokens
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -147,13 +150,30 @@ def warmup(model, tokenizer, rows, steps, lr, seed, batch_size=64, decay=True, d
     return model
 
 
-def build(cache_dir, seed=0, steps=None, verbose=True):
+def digit_targets(digits, spread, mistake):
+    """The soft target of each answer digit over the ten digits: 1 - s on the digit itself and s spread evenly over
+    all ten; with a mistake m, a 7 puts the share m of its 1 - s on 8 instead (the planted wrong lookup: a digit pair
+    that sums to 7 is answered 8). digits: (n,) in 0..9 -> (n, 10), rows summing to 1."""
+    right = F.one_hot(digits, 10).float()  # (n, 10)
+    believed = torch.where(digits == 7, 1 - mistake, 1.0)[:, None] * right  # (n, 10)
+    believed[:, 8] += torch.where(digits == 7, mistake, 0.0)
+    return (1 - spread) * believed + spread / 10
+
+
+def needs_skill(row):
+    """Whether a problem needs the skill that the small base model lacks: some digit pair sums to 7 (without carries,
+    exactly when its answer has a 7)."""
+    return "7" in row["answer"]
+
+
+def build(cache_dir, templates, seed=0, steps=None, verbose=True):
     """Build once (cached under cache_dir, keyed by every setting) the tokenizer, the problems and the two base
-    models -> paths {'small', 'large', 'train', 'test'}. steps: {'small': n, 'large': n} warm-up steps (default
+    models -> paths {'small', 'large', 'train', 'test'}. templates: the trainer's prompt templates
+    (codistill_grpo.TEMPLATES); the models learn the boxed one. steps: {'small': n, 'large': n} warm-up steps (default
     STEPS; 0 leaves random weights, for fast tests). Written aside and renamed into place: an interrupted build
     (Ctrl-C, SIGTERM, an error) leaves nothing half-built in the cache."""
     steps = dict(STEPS, **(steps or {}))
-    settings = [CONFIGS, seed, steps, LR, SPREAD, DIGITS, VERSION]
+    settings = [CONFIGS, seed, steps, LR, SPREAD, MISTAKE, DIGITS, VERSION, templates]
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     root = os.path.join(cache_dir, f"tiny-{key}")
     paths = {name: os.path.join(root, name) for name in ["small", "large"]}
@@ -178,10 +198,11 @@ def build(cache_dir, seed=0, steps=None, verbose=True):
         for split, rows in [("train", train), ("test", test)]:
             with open(os.path.join(tmp, f"{split}.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-        tokenizer = build_tokenizer(train)
+        tokenizer = build_tokenizer(train, templates)
         for i, name in enumerate(["small", "large"]):
             model = warmup(new_model(name, tokenizer, seed + i), tokenizer, train, steps[name], LR[name], seed + i,
-                           spread=SPREAD[name], desc=f"warm-up ({name} model, {steps[name]} steps)")
+                           templates["boxed"], spread=SPREAD[name], mistake=MISTAKE[name],
+                           desc=f"warm-up ({name} model, {steps[name]} steps)")
             model.save_pretrained(os.path.join(tmp, name))
             tokenizer.save_pretrained(os.path.join(tmp, name))
         open(os.path.join(tmp, "DONE"), "w").close()
@@ -193,9 +214,10 @@ def build(cache_dir, seed=0, steps=None, verbose=True):
     return paths
 
 
-def resolve(args, fields=("small_model", "large_model", "dataset", "eval_dataset")):
+def resolve(args, templates, fields=("small_model", "large_model", "dataset", "eval_dataset")):
     """The trainer's `tiny:NAME` placeholders (--preset tiny) in these flags replaced by the paths of the world of
-    --tiny_seed in --cache_dir, built there on first use (under torchrun by one process per machine)."""
+    --tiny_seed in --cache_dir (built there on first use, under torchrun by one process per machine), with the
+    trainer's templates."""
     import torch.distributed as dist
     from trainer_io import BadInput, rank
     try:
@@ -204,9 +226,9 @@ def resolve(args, fields=("small_model", "large_model", "dataset", "eval_dataset
         raise BadInput(f"--cache_dir {args.cache_dir}: not a writable folder ({e.strerror})") from None
     if dist.is_initialized():
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            build(args.cache_dir, args.tiny_seed)
+            build(args.cache_dir, templates, args.tiny_seed)
         dist.barrier()
-    paths = build(args.cache_dir, args.tiny_seed, verbose=rank() == 0)
+    paths = build(args.cache_dir, templates, args.tiny_seed, verbose=rank() == 0)
     for f in fields:
         value = getattr(args, f)
         if value.startswith("tiny:"):
@@ -257,34 +279,6 @@ def process_alive(pid):
     return True
 
 
-def measure(paths, prompts=500, samples=8, seed=0):
-    """The base models as the protocol reads them, on the held-out problems: accuracy of `samples` samples per
-    prompt at temperature 1, the fraction of prompts with none right (Figure 1), the share of digits right, and
-    greedy accuracy -> {'small': {...}, 'large': {...}}."""
-    import codistill_grpo as cg
-    import trainer_io
-    rows = trainer_io.read_jsonl(paths["test"])[:prompts]
-    tok = cg.load_tokenizer(paths["small"])
-    out = {}
-    for name in ["small", "large"]:
-        model = cg.load_model(paths[name], torch.float32, "cpu", False)
-        eos = cg.eos_ids_of(tok, model)
-        golds = [r["answer"] for r in rows for _ in range(samples)]
-        torch.manual_seed(seed)
-        texts = cg.complete(model, tok, [r["problem"] for r in rows for _ in range(samples)], "boxed", 16, 64, eos,
-                            512, temperature=1.0)
-        right = [cg.final_answer(t, "boxed") == g for t, g in zip(texts, golds)]
-        digits = [cg.digit_accuracy(t, g, "boxed") for t, g in zip(texts, golds)]
-        greedy = cg.complete(model, tok, [r["problem"] for r in rows], "boxed", 16, 64, eos, 512)
-        out[name] = dict(sampled_accuracy=sum(right) / len(right),
-                         zero_accuracy_frac=sum(not any(right[i:i + samples]) for i in range(0, len(right), samples))
-                         / len(rows),
-                         digit_accuracy=sum(digits) / len(digits),
-                         greedy_accuracy=sum(cg.final_answer(t, "boxed") == r["answer"] for t, r in zip(greedy, rows))
-                         / len(rows))
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "codistill_grpo"),
@@ -292,20 +286,22 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the world's seed: its problems and initialisations")
     p.add_argument("--steps_small", type=int, default=STEPS["small"], help="warm-up steps of the small model")
     p.add_argument("--steps_large", type=int, default=STEPS["large"], help="warm-up steps of the large model")
-    p.add_argument("--measure", action="store_true", help="measure the base models (M = 8 samples per prompt)")
-    p.add_argument("--json", help="with --measure: also write the figures to this file")
+    p.add_argument("--spread_small", type=float, default=SPREAD["small"], help="s of the small model's soft targets "
+                   "(another world: to probe designs)")
+    p.add_argument("--mistake_small", type=float, default=MISTAKE["small"], help="m of the small model's planted "
+                   "mistake (another world: to probe designs)")
+    p.add_argument("--json", help="also write the paths and the settings to this JSON file")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit: the build cleans up after itself
-    paths = build(a.cache_dir, a.seed, dict(small=a.steps_small, large=a.steps_large))
+    SPREAD["small"], MISTAKE["small"] = a.spread_small, a.mistake_small  # part of the cache key
+    from codistill_grpo import TEMPLATES  # the trainer's prompts (the trainer never imports this file at its top)
+    paths = build(a.cache_dir, TEMPLATES, a.seed, dict(small=a.steps_small, large=a.steps_large))
     print(json.dumps(paths, indent=1))
-    if a.measure:
-        figures = measure(paths)
-        print(json.dumps(figures, indent=1))
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(dict(seed=a.seed, steps=dict(small=a.steps_small, large=a.steps_large),
-                               threads=torch.get_num_threads(), isa=torch.backends.cpu.get_cpu_capability(),
-                               paths=paths, **figures), f, indent=1)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(seed=a.seed, steps=dict(small=a.steps_small, large=a.steps_large), spread=SPREAD,
+                           mistake=MISTAKE, threads=torch.get_num_threads(),
+                           isa=torch.backends.cpu.get_cpu_capability(), paths=paths), f, indent=1)
 
 
 if __name__ == "__main__":

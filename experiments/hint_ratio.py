@@ -19,7 +19,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--prompts", type=int, default=64)
     own, rest = p.parse_known_args()
-    a = tiny_world.resolve(cg.parse_args(["--preset", "tiny", "--hint_tokens", "4", *rest]))
+    a = tiny_world.resolve(cg.parse_args(["--preset", "tiny", "--hint_tokens", "4", *rest]), cg.TEMPLATES)
     rows = cg.load_problems(a.dataset)[:own.prompts]
     tok = cg.load_tokenizer(a.small_model)
     small, large = (cg.load_model(m, torch.float32, "cpu", False) for m in (a.small_model, a.large_model))

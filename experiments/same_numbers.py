@@ -36,7 +36,7 @@ CONFIGS = {
 def pair(cache_dir):
     """Two models that half know 4 problems (so that rewards are mixed and both models step), those problems, and
     held-out ones."""
-    world = tiny_world.build(cache_dir, seed=0, steps=dict(small=0, large=0), verbose=False)
+    world = tiny_world.build(cache_dir, cg.TEMPLATES, seed=0, steps=dict(small=0, large=0), verbose=False)
     root = os.path.join(cache_dir, "pair")
     paths = dict(small=os.path.join(root, "small"), large=os.path.join(root, "large"),
                  data=os.path.join(root, "four.jsonl"), test=world["test"])
@@ -46,7 +46,7 @@ def pair(cache_dir):
         tok = cg.load_tokenizer(world["small"])
         for name, steps in [("small", 30), ("large", 40)]:
             model = cg.load_model(world[name], torch.float32, "cpu", False)
-            tiny_world.warmup(model, tok, rows, steps, 2e-3, seed=0, batch_size=8, decay=False)
+            tiny_world.warmup(model, tok, rows, steps, 2e-3, 0, cg.TEMPLATES["boxed"], batch_size=8, decay=False)
             model.save_pretrained(paths[name])
             tok.save_pretrained(paths[name])
         with open(paths["data"], "w") as f:

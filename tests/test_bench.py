@@ -1,0 +1,43 @@
+"""bench.py: that it runs and writes its documented figures (its numbers are measured by running it, not here)."""
+import json
+import os
+import time
+
+import pytest
+
+from conftest import exit_2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "/no/such/folder/b.json"], "--json /no/such/folder/b.json: cannot write a file there"),
+    (["--plot", "/no/such/folder/b.png"], "--plot"),
+    (["--parts", "step"], "--parts step: choose from steps, logprobs, rollouts"),
+    (["--lengths", "16,x"], "--lengths"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+])
+def test_bench_refuses_bad_flags_before_measuring(argv, message, capsys):
+    import bench
+    t = time.time()
+    assert message in exit_2(argv, capsys, bench.main) and time.time() - t < 5
+
+
+def test_bench_keeps_to_its_cache_and_names_bad_models(tmp_path, capsys):
+    import bench
+    (tmp_path / "afile").write_text("")
+    assert "--cache_dir" in exit_2(["--cache_dir", str(tmp_path / "afile"), "--parts", "steps"], capsys, bench.main)
+    assert "model /nonexistent" in exit_2(["--cache_dir", str(tmp_path / "c"), "--parts", "rollouts", "--small_model",
+                                           "/nonexistent"], capsys, bench.main)
+    assert os.listdir(tmp_path / "c") and all(d.startswith(("tiny-", "bench-pair")) for d in os.listdir(tmp_path / "c"))
+
+
+def test_bench_runs_and_writes_its_figures(world, tmp_path):
+    import bench
+    bench.main(["--lengths", "4", "--iterations", "1", "--batch_size", "2", "--logprob_seqs", "2", "--logprob_len",
+                "8", "--cache_dir", world["cache"], "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    figures = json.load(open(tmp_path / "b.json"))
+    for key in ["step_ratio", "generate_share", "logprob_peak_ratio", "logprob_time_ratio", "logprob_max_abs_diff",
+                "rollout_speed_ratio", "machine", "versions", "settings"]:
+        assert key in figures
+    assert set(figures["step_ratio"]) == {"4"} and figures["step_ratio"]["4"] > 0
+    assert figures["logprob_max_abs_diff"] < 1e-4
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,147 @@
+"""torchrun: DDP and FSDP2 with two CPU processes on gloo."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import codistill_grpo as cg
+from conftest import HERE, seqs_of, step_flags, based_argv, tiny_argv
+
+
+def test_ranks_started_without_torchrun_say_whom_they_wait_for_and_give_up(world, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    t = time.time()
+    p = subprocess.run([sys.executable, os.path.join(HERE, "codistill_grpo.py"), *tiny_argv(world, tmp_path),
+                        "--dist_timeout", "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and time.time() - t < 60
+    assert f"rank 0 of 2 at 127.0.0.1:{port}: waiting for the other ranks (up to 3 s" in p.stderr
+    assert "did not form within 3 s (--dist_timeout)" in p.stderr.strip().splitlines()[-1]
+
+
+def torchrun(*argv, nproc=2):
+    """Run `torchrun --standalone --nproc_per_node=nproc argv...` -> CompletedProcess (output captured)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)  # this file runs as a worker too
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *argv], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_every_prompt_of_an_epoch_goes_to_exactly_one_rank():
+    n, B, W = 23, 3, 2
+    seen = []
+    for it in range(1, n // (B * W) + 1):  # one epoch of global batches
+        shares = [cg.batch_indices(n, B, 5, it, rank=r, world=W) for r in range(W)]
+        assert all(epoch == 0 for epoch, _ in shares)
+        seen += [i for _, rows in shares for i in rows]
+        # the global batch is what one process with W x B prompts takes
+        assert [i for _, rows in shares for i in rows] == cg.batch_indices(n, B * W, 5, it)[1]
+    assert len(seen) == len(set(seen)) == (n // (B * W)) * B * W
+    assert cg.batch_indices(n, B, 5, n // (B * W) + 1, rank=1, world=W)[0] == 1  # then the next epoch
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_run_codistill(based, tmp_path, fsdp):
+    out = tmp_path / "run"
+    argv = based_argv(based, out, "--batch_size", "1", "--eval_size", "3", "--hint_tokens", "2", "--hint_share", "0.5",
+                      *(["--fsdp"] if fsdp else []))  # 2 ranks x 1 prompt: the 2 problems of `based`
+    p = torchrun("codistill_grpo.py", *argv)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]  # one row per iteration: rank 0 writes, once
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert all(0.0 <= r["small/test_accuracy"] <= 1.0 for r in rows)
+    assert rows[1]["small/hint_length"] > 0 and "large/loss" in rows[2] and "small/hint_length" not in rows[2]
+    from transformers import AutoModelForCausalLM
+    for name in ["small", "large"]:  # plain Hugging Face folders, loaded without any distributed code
+        AutoModelForCausalLM.from_pretrained(out / "checkpoint-2" / name)
+
+
+def distributed_worker(mode, small, out):
+    """Run under torchrun by the next test: one update on this rank's half of a fixed batch of 8 sequences, with
+    DDP or FSDP2; rank 0 writes the reduced loss and the weights gathered from the ranks, and a checkpoint."""
+    from transformers import AutoModelForCausalLM
+    cg.setup_distributed()
+    R, W = cg.rank(), cg.world()
+    tok = cg.load_tokenizer(small)
+    model = AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32)
+    batch = fixed_batch(tok, model)
+    share = [x[R * 8 // W:(R + 1) * 8 // W] for x in batch]  # this rank's half of the global batch
+    a = cg.Args(fsdp=mode == "fsdp", micro_batch_size=3, max_completion_length=5, max_grad_norm=1e9,
+                output_dir=out)
+    scorer = cg.parallelize(model, a, trained=True, compute_dtype=torch.float32)
+    opt = torch.optim.SGD(scorer.parameters(), lr=1.0)  # the step is the gradient itself: its scale shows
+    seqs = seqs_of(*share[:4])
+    stats = cg.update(scorer, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), seqs, *share[4:], a,
+                      **step_flags(seqs))
+    loss = cg.all_reduce([stats["loss"]])[0] / W
+    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+               for n, p in model.named_parameters()}  # gathered from the shards by DTensor itself
+    if R == 0:
+        torch.save(dict(loss=loss, grad_norm=stats["grad_norm"], weights=weights), os.path.join(out, "result.pt"))
+    cg.save_checkpoint({"small": scorer}, {"small": (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))},
+                       tok, a, 1)
+    torch.distributed.destroy_process_group()
+
+
+def fixed_batch(tok, model):
+    """8 prompts, completions of varied lengths, old log-probs a little off and mixed advantages."""
+    ids, pmask = cg.encode_prompts(tok, [f"What is {a} + {b}" for a, b in zip(range(10, 90, 10), range(91, 99))],
+                                   "boxed", 64, "cpu")
+    g = torch.Generator().manual_seed(0)
+    comp = torch.randint(1, len(tok) - 1, (8, 5), generator=g)
+    cmask = (torch.arange(5)[None] < torch.tensor([5, 3, 4, 5, 2, 5, 1, 4])[:, None]).long()
+    with torch.no_grad():
+        old = cg.token_logprobs(model, ids, pmask, comp, cmask, 1.0, 64) - 0.05
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.5, 0.25])
+    return ids, pmask, comp, cmask, old, adv
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_make_the_one_process_step(based, tmp_path, mode):
+    from transformers import AutoModelForCausalLM
+    p = torchrun(__file__, "distributed-worker", mode, based["small"], str(tmp_path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    got = torch.load(tmp_path / "result.pt")
+    # the same global batch in one process
+    tok = cg.load_tokenizer(based["small"])
+    model = AutoModelForCausalLM.from_pretrained(based["small"], dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = fixed_batch(tok, model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    a = cg.Args(micro_batch_size=3, max_completion_length=5, max_grad_norm=1e9)
+    seqs = seqs_of(*batch[:4])
+    stats = cg.update(cg.TokenLogprobs(model), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), seqs,
+                      *batch[4:], a, **step_flags(seqs))
+    assert got["loss"] == pytest.approx(stats["loss"], abs=1e-6)
+    assert got["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-5)
+    moved = 0.0
+    for n, w in model.named_parameters():  # float tolerance: the ranks' sums are added in another order
+        assert torch.allclose(got["weights"][n], w, atol=1e-5), n
+        moved = max(moved, (w - before[n]).abs().max().item())
+    assert moved > 1e-3  # the step did something, so equal weights mean equal steps
+    # the 2-process checkpoint loads in one process, without distributed code, and holds the gathered weights
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1" / "small", dtype=torch.float32)
+    for n, w in saved.named_parameters():
+        assert torch.equal(w, got["weights"][n]), n
+    # its optimizer state is keyed by parameter name, so it loads into another world size
+    state = torch.load(tmp_path / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    assert all(isinstance(k, str) for k in state["optimizers"]["small"]["param_groups"][0]["params"])
+
+
+def test_a_two_process_run_resumes_in_one_process(based, tmp_path):
+    out = tmp_path / "run"
+    p = torchrun("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--fsdp", "--max_steps", "1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cg.main(["--output_dir", str(out), "--resume", "--max_steps", "2"])
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and (out / "checkpoint-2" / "small").exists()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["distributed-worker"]:  # started by torchrun, see torchrun()
+    distributed_worker(*sys.argv[2:])
