@@ -1,6 +1,7 @@
 """
-bench.py: how much a CoDistill iteration costs against a GRPO iteration of the large model, and what the lean
-parts of codistill_grpo.py (chunked log-probs, rollouts) cost against the naive ways. A benchmark, not a test.
+bench.py: how much a CoDistill iteration costs against a GRPO iteration of the large model, on the trainer's own
+path, and what its parts cost: chunked log-probs against the naive way, AdamW's step, eager and compiled decoding
+against the bandwidth floor. A benchmark, not a test.
 
     python bench.py                                   # a random pair on CPU: N = 16, 64, 256
     python bench.py --json experiments/results/bench.json --plot experiments/results/bench_ratio.png  # the README's
@@ -8,12 +9,19 @@ parts of codistill_grpo.py (chunked log-probs, rollouts) cost against the naive 
 
 1. Step time: `codistill_grpo.py` itself runs a few iterations of CoDistill (the small model generates, M = G, and
    M = 14, G = 8 as in the paper) and of GRPO on the large model (G samples of its own), on the same prompts, and
-   the per-phase times of its metrics.jsonl are compared (median after the first iteration). By default the pair
-   is two random-weight Qwen2 models 8 times apart in size (PAIR; the tiny world's tokenizer and problems): they
-   rarely stop early, so completions run to nearly N tokens (the measured mean length is printed).
+   the per-phase times of its metrics.jsonl are compared (median after the first iteration), with each phase's
+   share of CoDistill's step. The trainer's own path: fp32 master weights, --dtype the compute dtype (auto: bf16 on
+   GPU, with the decoding copies and autocast; fp32 on CPU). By default the pair is two random-weight Qwen2 models 8
+   times apart in size (PAIR; the tiny world's tokenizer and problems): they rarely stop early, so completions run
+   to nearly N tokens (the measured mean length is printed).
 2. Log-prob memory: `token_logprobs` (chunked) against a full log_softmax + gather, at Qwen's vocabulary size, each
    in its own process, whose peak resident memory is reset before the call and read after it (Linux /proc).
-3. Rollout overhead: `sample` against a bare `model.generate` on the same model and batch.
+3. AdamW's step: its peak memory above the resting 16 bytes per parameter (weights, gradients, two states), for the
+   foreach step (torch's default), the fused one and the for-loop one, each in its own process (CPU: /proc; GPU:
+   torch.cuda's peak).
+4. Decoding: `sample` on the small model in the compute dtype (a sampler, as the trainer holds), eager against
+   --compile_decode's static cache and compiled step, at batch 1 and at the rollout batch (B x 8): ms per decoding
+   step, tokens/s, and the floor: reading the weights once per step at the bandwidth a large copy reaches here.
 """
 
 import argparse
@@ -70,7 +78,7 @@ def run_iterations(algo, a, n, m, g, out, extra=()):
             "--max_completion_length", str(n), "--num_samples", str(m), "--group_size", str(g),
             "--batch_size", str(a.batch_size), "--max_steps", str(a.iterations + 1), "--eval_size", "0",
             "--save_every", "0", "--keep_checkpoints", "1", "--output_dir", out, "--overwrite",
-            "--micro_batch_size", str(a.micro_batch_size), "--dtype", "auto",  # bf16 on GPU, fp32 on CPU
+            "--micro_batch_size", str(a.micro_batch_size), "--dtype", a.dtype,
             *(["--gradient_checkpointing"] if a.gradient_checkpointing else []), *extra]
     cg.main(argv)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][2:]  # after iteration 1
@@ -142,43 +150,102 @@ def logprob_memory(a):
                 chunked={k: v for k, v in res["chunked"].items() if k != "values"}, max_abs_diff=diff)
 
 
-def rollout_overhead(a):
-    """Tokens/s of cg.sample against a bare model.generate with the same settings, same model and batch."""
-    from transformers import GenerationConfig
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # on GPU in bf16, as training runs there
-    model = cg.load_model(a.small_model, torch.bfloat16 if device == "cuda" else torch.float32, device, False)
+OPTIMIZER_SCRIPT = """
+import sys, torch
+impl, device, n = {impl!r}, {device!r}, {size}
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(n, n, device=device)) for _ in range(4)]
+for p in params:
+    p.grad = torch.randn_like(p)
+opt = torch.optim.AdamW(params, lr=1e-4, **(dict(fused=True) if impl == "fused" else dict(foreach=impl == "foreach")))
+opt.step()  # the states exist from here: resting at 16 bytes per parameter
+def kb(field):  # Linux: /proc/self/status, in kB
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+if device == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+else:
+    open("/proc/self/clear_refs", "w").write("5"); base = kb("VmRSS") * 1024
+opt.step()
+peak = (torch.cuda.max_memory_allocated() if device == "cuda" else kb("VmHWM") * 1024) - base
+print(peak / sum(p.numel() for p in params))
+"""
+
+
+def optimizer_peak(a):
+    """Bytes per parameter that one AdamW step allocates above its resting state, for each implementation, on four
+    square weights of a.optimizer_size^2 parameters each."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for impl in ["foreach", "fused", "for-loop"]:
+        script = OPTIMIZER_SCRIPT.format(impl=impl, device=device, size=a.optimizer_size)
+        line = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        out[impl] = float(line.stdout.split()[-1])
+    return dict(bytes_per_parameter=out, parameters=4 * a.optimizer_size ** 2, device=device)
+
+
+def copy_bandwidth(device, megabytes=512):
+    """Bytes per second that copying a large tensor reaches here (read + write): the decoding floor's denominator."""
+    x = torch.empty(megabytes * 2**20 // 4, device=device)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        y.copy_(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.numel() * 4 / best
+
+
+def decode_speed(a):
+    """Decoding of the small model in the compute dtype, eager and compiled (static cache), at batch 1 and at the
+    rollout batch -> per batch and way: ms per decoding step, tokens/s, and the floor (weight bytes / bandwidth)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = cg.compute_dtype(a.dtype, device)
+    model = cg.load_model(a.small_model, dtype, device, False)  # what the trainer's sampler is
     tok = cg.load_tokenizer(a.small_model)
-    ids, mask = cg.encode_prompts(tok, [f"What is {i} + {i + 7}" for i in range(64)], "boxed", 64, device)
     n, eos = max(a.lengths), cg.eos_ids_of(tok, model)
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n,
-                              eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    rates = {"ours": [], "bare": []}
-    for i in range(2 * a.iterations + 1):  # the order alternates, so that neither always runs first
-        for name in (["ours", "bare"] if i % 2 == 0 else ["bare", "ours"]):
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor_ms = 1000 * weight_bytes / copy_bandwidth(device)
+    out = dict(weight_bytes=weight_bytes, floor_ms=floor_ms, dtype=str(dtype), rows={})
+    for batch in [1, a.batch_size * 8]:
+        ids, mask = cg.encode_prompts(tok, [f"What is {i} + {i + 7}" for i in range(batch)], "boxed", 64, device)
+        for compiled in [False, True]:
             t = time.perf_counter()
-            if name == "ours":
-                comp = cg.sample(model, ids, mask, n, 1.0, eos, tok.pad_token_id, len(ids))
-            else:
-                with torch.inference_mode():
-                    comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
-            rates[name].append(cg.completion_mask(comp, eos).sum().item() / (time.perf_counter() - t))
-    ours, bare = statistics.median(rates["ours"][1:]), statistics.median(rates["bare"][1:])
-    return dict(ours_tokens_per_s=ours, bare_tokens_per_s=bare, ratio=ours / bare)
+            cg.sample(model, ids, mask, n, 1.0, eos, tok.pad_token_id, batch, compiled, 64 + n)  # compiles, if so
+            first, times, steps = time.perf_counter() - t, [], []
+            for _ in range(a.iterations):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                comp = cg.sample(model, ids, mask, n, 1.0, eos, tok.pad_token_id, batch, compiled, 64 + n)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+                steps.append(comp.shape[1])
+            seconds = statistics.median(times)
+            ms = 1000 * seconds / statistics.median(steps)
+            out["rows"][f"{batch}/{'compiled' if compiled else 'eager'}"] = dict(
+                batch=batch, compiled=compiled, ms_per_step=ms, tokens_per_s=batch * statistics.median(steps) / seconds,
+                first_call_s=first, floor_fraction=floor_ms / ms)
+    return out
 
 
-def report(steps, logprobs, rollouts, a):
-    print("\n## Step time: CoDistill against GRPO on the large model (median seconds per iteration)\n")
+def report(steps, logprobs, optimizer, decode, a):
+    print(f"\n## Step time: CoDistill against GRPO on the large model (median seconds per iteration, --dtype {a.dtype})\n")
     if torch.cuda.is_available():
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16\n")
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     print("| N | mean length | GRPO-large step | generate share | CoDistill (M=G=8) step | ratio | CoDistill (M=14, "
-          "G=8) step | ratio | CoDistill phases: generate / score / update small / update large |")
+          "G=8) step | ratio | CoDistill's step: generate / score / update small / update large |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, r in steps.items():
         g, c, c14 = r["grpo_large"], r["codistill"], r["codistill_m14"]
+        shares = " / ".join(f"{c[k] / c['step']:.0%}" for k in ["generate", "score", "update_small", "update_large"])
         print(f"| {n} | {c['length']:.0f} | {g['step']:.2f} ± {g['spread']:.2f} | {g['generate'] / g['step']:.0%} | "
               f"{c['step']:.2f} ± {c['spread']:.2f} | {c['step'] / g['step']:.2f} | {c14['step']:.2f} | "
-              f"{c14['step'] / g['step']:.2f} | {c['generate']:.2f} / {c['score']:.2f} / {c['update_small']:.2f} / "
-              f"{c['update_large']:.2f} |")
+              f"{c14['step'] / g['step']:.2f} | {shares} |")
     if steps and "memory_gb" in next(iter(steps.values()))["grpo_large"]:
         print("\npeak GPU memory (max_memory_allocated, GB): " + ", ".join(
             f"N={n}: GRPO-large {r['grpo_large']['memory_gb']:.1f}, CoDistill {r['codistill']['memory_gb']:.1f}, "
@@ -191,9 +258,18 @@ def report(steps, logprobs, rollouts, a):
             print(f"| {name} | {r['peak_bytes'] / 2**20:.0f} | {r['seconds']:.2f} |")
         print(f"\npeak ratio {c['peak_bytes'] / max(n['peak_bytes'], 1):.3f}, time ratio "
               f"{c['seconds'] / n['seconds']:.2f}, largest difference {logprobs['max_abs_diff']:.2e}")
-    if rollouts:
-        print(f"\n## Rollouts: {rollouts['ours_tokens_per_s']:.0f} tokens/s (ours) vs "
-              f"{rollouts['bare_tokens_per_s']:.0f} (bare generate): ratio {rollouts['ratio']:.3f}")
+    if optimizer is not None:
+        print(f"\n## AdamW's step ({optimizer['parameters'] / 1e6:.0f}M parameters, {optimizer['device']}): bytes per "
+              "parameter above the resting 16\n")
+        print(" | ".join(f"{k} {v:.1f}" for k, v in optimizer["bytes_per_parameter"].items()))
+    if decode is not None:
+        print(f"\n## Decoding, the small model in {decode['dtype']} ({decode['weight_bytes'] / 2**20:.1f} MB of weights; "
+              f"floor {decode['floor_ms']:.3f} ms per step at the copy bandwidth measured here)\n")
+        print("| batch | decoding | ms per step | tokens/s | fraction of the floor | first call (s) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in decode["rows"].values():
+            print(f"| {r['batch']} | {'compiled' if r['compiled'] else 'eager'} | {r['ms_per_step']:.2f} | "
+                  f"{r['tokens_per_s']:.0f} | {r['floor_fraction']:.1%} | {r['first_call_s']:.1f} |")
 
 
 def main(argv=None):
@@ -203,15 +279,18 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=8, help="B, prompts per iteration (default: 8)")
     p.add_argument("--small_model", default="small", help="small model (default: small, of a random pair, PAIR)")
     p.add_argument("--large_model", default="large", help="large model (default: large, of a random pair, PAIR)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the trainer's --dtype, its compute dtype (default: auto, bf16 on GPU and fp32 on CPU)")
     p.add_argument("--cache_dir", default=cg.Args.cache_dir, help="where the random pair is built")
     p.add_argument("--logprob_seqs", type=int, default=16, help="sequences in the log-prob comparison (default 16)")
     p.add_argument("--logprob_len", type=int, default=512, help="tokens per sequence there (default 512)")
+    p.add_argument("--optimizer_size", type=int, default=4096, help="AdamW's part: four n x n weights (default 4096)")
     p.add_argument("--micro_batch_size", type=int, default=32, help="sequences per forward/backward (default 32)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="for long N with real-size models")
-    p.add_argument("--parts", default="steps,logprobs,rollouts", help="what to measure (default: %(default)s; "
-                   "logprobs measures CPU memory)")
+    p.add_argument("--parts", default=",".join(PARTS), help="what to measure (default: %(default)s; on CPU, "
+                   "logprobs and optimizer measure resident memory)")
     p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--plot", help="also draw the step-time ratio against N to this PNG")
+    p.add_argument("--plot", help="also draw the step-time ratio against N to this PNG (needs the steps part)")
     a = p.parse_args(argv)
     try:
         measure(a, check_args(a))
@@ -227,8 +306,9 @@ def measure(a, parts):
     a.small_model, a.large_model = [pair[m] if m in ("small", "large") else m for m in (a.small_model, a.large_model)]
     steps = step_times(a) if "steps" in parts else {}
     logprobs = logprob_memory(a) if "logprobs" in parts else None
-    rollouts = rollout_overhead(a) if "rollouts" in parts else None
-    report(steps, logprobs, rollouts, a)
+    optimizer = optimizer_peak(a) if "optimizer" in parts else None
+    decode = decode_speed(a) if "decode" in parts else None
+    report(steps, logprobs, optimizer, decode, a)
     figures = dict(
         step_ratio={n: r["codistill"]["step"] / r["grpo_large"]["step"] for n, r in steps.items()},
         step_ratio_m14={n: r["codistill_m14"]["step"] / r["grpo_large"]["step"] for n, r in steps.items()},
@@ -236,9 +316,9 @@ def measure(a, parts):
         **(dict(logprob_peak_ratio=logprobs["chunked"]["peak_bytes"] / max(logprobs["naive"]["peak_bytes"], 1),
                 logprob_time_ratio=logprobs["chunked"]["seconds"] / logprobs["naive"]["seconds"],
                 logprob_max_abs_diff=logprobs["max_abs_diff"]) if logprobs else {}),
-        **(dict(rollout_speed_ratio=rollouts["ratio"]) if rollouts else {}),
-        steps=steps, logprobs=logprobs, rollouts=rollouts,
-        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cuda=torch.cuda.is_available()),
+        steps=steps, logprobs=logprobs, optimizer=optimizer, decode=decode,
+        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), cuda=torch.cuda.is_available(),
+                     gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None),
         versions=dict(torch=torch.__version__, python=platform.python_version()),
         settings=dict(vars(a)), date=time.strftime("%Y-%m-%d"))
     if a.json:
@@ -248,7 +328,7 @@ def measure(a, parts):
         plot(figures, a.plot)
 
 
-PARTS = ["steps", "logprobs", "rollouts"]
+PARTS = ["steps", "logprobs", "optimizer", "decode"]
 
 
 def check_args(a):
@@ -262,7 +342,7 @@ def check_args(a):
     unknown = [x for x in parts if x not in PARTS]
     if unknown or not parts:
         raise cg.BadInput(f"--parts {a.parts}: choose from {', '.join(PARTS)}")
-    for name in ["iterations", "batch_size", "logprob_seqs", "logprob_len", "micro_batch_size"]:
+    for name in ["iterations", "batch_size", "logprob_seqs", "logprob_len", "micro_batch_size", "optimizer_size"]:
         if getattr(a, name) < 1:
             raise cg.BadInput(f"--{name} must be >= 1, got {getattr(a, name)}")
     if min(a.lengths) < 1:
@@ -276,6 +356,16 @@ def check_args(a):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if path and (os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
             raise cg.BadInput(f"--{flag} {path}: cannot write a file there")
+    if a.plot:
+        import matplotlib.figure
+        formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+        extension = os.path.splitext(a.plot)[1].lstrip(".").lower()
+        if extension not in formats:
+            raise cg.BadInput(f"--plot {a.plot}: the file name must end in one of {', '.join('.' + f for f in formats)}")
+        if "steps" not in parts:
+            raise cg.BadInput(f"--plot draws the step-time ratio: add steps to --parts ({a.parts})")
+        if a.json and os.path.abspath(a.json) == os.path.abspath(a.plot):
+            raise cg.BadInput(f"--json and --plot name the same file ({a.plot}): the plot would overwrite the figures")
     return parts
 
 
@@ -297,6 +387,7 @@ def plot(figures, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

@@ -28,8 +28,8 @@ from the paper"). The file reads in the paper's order: arguments, the equations,
 optimizer step, then the iteration (the baselines and the KD forms chosen in one place: ITERATIONS, KD_FORMS) and the
 loop. A reader who stops at the banner `below: machinery the paper does not describe` has read the whole method; what
 the code above it calls from below is machinery only: grade_batch (the grading worker that step 2 waits on),
-optimizer_step and StepStats (the gradient clip, AdamW's step and the step's metrics), timer, generating
-(FSDP2's gathering around generate), and the loop's set-up, held-out accuracy, logging and checkpoints (setup,
+optimizer_step and StepStats (the gradient clip, AdamW's step and the step's metrics), timer, new_sampler (the
+decoding copy that sampler_of refreshes), and the loop's set-up, held-out accuracy, logging and checkpoints (setup,
 evaluate, log, save). The files the trainer reads and writes (problems, checkpoints, resume, the run folder) are
 trainer_io.py's.
 """
@@ -99,7 +99,8 @@ class Args:
     max_completion_length: int = arg(3072, "N: max completion tokens, the constant 1/N of Eq. (5), (6), (10)")
     max_prompt_length: int = arg(1024, "max prompt tokens; longer prompts are cut from the left (Table 3)")
     hint_tokens: int = arg(0, "T: hint tokens sampled by the large model early in the run (paper: 0 or 50)")
-    hint_share: float = arg(0.125, "share of the iterations with hints, from the start (Sec. 4: 1 epoch of 8)")
+    hint_share: float = arg(0.125, "share of the planned iterations with hints, from the start: the paper's first "
+                            "epoch is 1/--epochs (Table 3: 1 of 8; set it with --epochs)")
     hint_ratio: str = arg("small", "small loss on hint tokens: small (Eq. 5), large (Eq. 8 i), ignore (Eq. 8 ii)",
                           choices=["small", "large", "ignore"])
     large_hint_ratio: str = arg("small", "large loss on its own hint tokens: small (Eq. 10), behaviour (itself)",
@@ -124,6 +125,8 @@ class Args:
     gen_batch_size: int = arg(128, "sequences per generate call (changes what is sampled)")
     logprob_chunk: int = arg(1024, "tokens per chunk of the fp32 log-softmax (bounds its memory)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass")
+    compile_decode: bool = arg(False, "decode with a static KV cache and a torch.compile'd step (CUDA graphs on GPU): "
+                               "compiles once per batch shape; off, eager generate")
     dtype: str = arg("auto", "compute dtype (weights, optimizer: fp32): auto = bf16 on GPU, fp32 on CPU",
                      choices=["auto", "float32", "bfloat16"])
     fsdp: bool = arg(False, "under torchrun: shard both models with FSDP2 instead of DDP")
@@ -309,36 +312,54 @@ def completion_mask(completion_ids, eos_ids):
     return (positions[None, :] <= first_eos[:, None]).long()  # (S, L)
 
 
-def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, batch_size, synced=False):
-    """Completions sampled with HF generate (KV cache, ancestral sampling: top_k=0, top_p=1) -> (S, L <= N).
-    synced (FSDP2): ranks keep stepping together until all are done, as their layers gather in step."""
-    from transformers import GenerationConfig
+def decoding(max_new_tokens, temperature, eos_ids, pad_id, compiled=False, max_cache_len=None):
+    """generate()'s settings: ancestral sampling at the temperature, top_k=0 and top_p=1 (transformers would apply
+    top-k 50 and change what is sampled, not the log-probs we train on), or greedy at temperature 0. compiled
+    (--compile_decode): a static KV cache of max_cache_len tokens, so that every decoding step has one shape, and
+    that step compiled by torch.compile, which generate() does itself (CUDA graphs on a GPU)."""
+    from transformers import CompileConfig, GenerationConfig
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    static = {}
+    if compiled:
+        on_gpu = torch.cuda.is_available()
+        compile_config = CompileConfig(dynamic=False, mode="reduce-overhead" if on_gpu else "default")
+        compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        static = dict(cache_implementation="static", max_cache_len=max_cache_len, compile_config=compile_config)
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
+                            **sampling, **static)
+
+
+def sample(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id, batch_size, compiled=False,
+           max_cache_len=None):
+    """Completions sampled with HF generate (KV cache, ancestral sampling: decoding()) -> (S, L <= N). model: a
+    model's sampler (sampler_of), whose weights, and so its KV cache, are in the compute dtype."""
     was_training = model.training
     model.eval()
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                              max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
+    config = decoding(max_new_tokens, temperature, eos_ids, pad_id, compiled, max_cache_len)
     P, outs = prompt_ids.shape[1], []
     with torch.inference_mode():
         for i in range(0, len(prompt_ids), batch_size):
             out = model.generate(input_ids=prompt_ids[i:i + batch_size], attention_mask=prompt_mask[i:i + batch_size],
-                                 generation_config=config, synced_gpus=synced)
+                                 generation_config=config)
             outs.append(out[:, P:])
     model.train(was_training)
     return pad_right(outs, pad_id)  # made outside inference mode: a normal tensor, which autograd may save
 
 
-def rollout(small, large, prompt_ids, prompt_mask, args, eos_ids, pad_id, hints, synced=False):
+def rollout(small, large, prompt_ids, prompt_mask, args, eos_ids, pad_id, hints):
     """M completions per prompt from the small model; with hints, the large model writes their first T tokens.
     -> the rollouts: a dict of (B*M, .) tensors: prompt_ids and prompt_mask (each prompt repeated M times), comp
     (completion ids, L <= N), mask (its completion mask) and hint (1 on the tokens the large model wrote)."""
     M, N, T = args.num_samples, args.max_completion_length, args.hint_tokens
+    how = dict(compiled=args.compile_decode, max_cache_len=args.max_prompt_length + N)  # (a prompt, its completion)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(M, 0), prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
     rollouts = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
     if not hints:
-        comp = sample(small, prompt_ids, prompt_mask, N, args.temperature, eos_ids, pad_id, args.gen_batch_size, synced)
+        comp = sample(small, prompt_ids, prompt_mask, N, args.temperature, eos_ids, pad_id, args.gen_batch_size, **how)
         return dict(rollouts, comp=comp, mask=completion_mask(comp, eos_ids), hint=torch.zeros_like(comp))
     hint = sample(large, prompt_ids, prompt_mask, T, args.temperature, eos_ids, pad_id, args.gen_batch_size,
-                  synced)  # (B*M, <=T)
+                  **how)  # (B*M, <=T)
     hint_len = completion_mask(hint, eos_ids).sum(1).tolist()  # a hint that ends in EOS is a whole completion
     # the small model continues prompt + hint: re-pad on the left, since hints differ in length
     rows = [torch.cat([p[m.bool()], h[:n]]) for p, m, h, n in zip(prompt_ids, prompt_mask, hint, hint_len)]
@@ -346,7 +367,7 @@ def rollout(small, large, prompt_ids, prompt_mask, args, eos_ids, pad_id, hints,
     ctx = torch.stack([F.pad(r, (P - len(r), 0), value=pad_id) for r in rows])  # (B*M, P')
     ctx_mask = torch.stack([F.pad(torch.ones_like(r), (P - len(r), 0)) for r in rows])
     cont = sample(small, ctx, ctx_mask, N - T, args.temperature, eos_ids, pad_id, args.gen_batch_size,
-                  synced)  # (B*M, <=N-T)
+                  **how)  # (B*M, <=N-T)
     comp = pad_right([torch.cat([h[:n], c]) for h, n, c in zip(hint, hint_len, cont)], pad_id)  # (B*M, L <= N)
     positions = torch.arange(comp.shape[1], device=comp.device)[None]  # (1, L)
     hint_mask = (positions < torch.tensor(hint_len, device=comp.device)[:, None]).long()  # (B*M, L)
@@ -371,14 +392,19 @@ def pad_right(seqs, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Token log-probs: fp32 log-softmax at the sampling temperature, in chunks of tokens so that a (S, L, vocab)
-# fp32 tensor never exists; with grad, each chunk's logits are recomputed in the backward pass instead of stored.
+# Token log-probs: the decoder in the compute dtype, then the output head and the log-softmax in fp32 at the sampling
+# temperature (a bf16 logit of 20 is off by up to 0.06, an error the ratios and the KD term would carry), in chunks
+# of tokens so that a (S, L, vocab) fp32 tensor never exists; with grad, each chunk's logits are recomputed in the
+# backward pass instead of stored.
 
 
 def _chunk_logprobs(lm_head, hidden, targets, temperature):
-    logp = (lm_head(hidden).float() / temperature).log_softmax(-1)  # (C, V)
-    with torch.no_grad():  # entropy of the sampling distribution, a metric: sum_v p log p without a (C, V) product
-        entropy = -torch.linalg.vecdot(logp.exp(), logp)  # (C,)
+    with torch.autocast(hidden.device.type, enabled=False):  # the head in fp32, whatever the compute dtype
+        bias = None if lm_head.bias is None else lm_head.bias.float()
+        logits = F.linear(hidden.float(), lm_head.weight.float(), bias)  # (C, V)
+        logp = (logits / temperature).log_softmax(-1)  # (C, V)
+        with torch.no_grad():  # entropy of the sampling distribution, a metric: sum_v p log p without a (C, V) product
+            entropy = -torch.linalg.vecdot(logp.exp(), logp)  # (C,)
     return logp.gather(-1, targets[:, None]).squeeze(-1), entropy  # (C,), (C,)
 
 
@@ -487,8 +513,11 @@ def loss_norm(args):
 
 def make_optimizer(model, lr, args, total_steps):
     """AdamW and its schedule over the run's planned length, total_steps (Table 3): linear warm-up, then constant or
-    cosine to 0 at the planned end (a resumed run that goes on past it keeps the schedule's last value)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    cosine to 0 at the planned end (a resumed run that goes on past it keeps the schedule's last value). On a GPU the
+    fused step, which allocates no temporaries the size of the weights (the default foreach step peaks at 4 bytes
+    per parameter more: bench.py); on CPU the foreach step, so that the tiny world's numbers stay what they were."""
+    fused = next(model.parameters()).device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=fused or None)
     warmup = int(args.warmup_ratio * total_steps)
 
     def lr_lambda(step):
@@ -560,8 +589,9 @@ def codistill_iteration(run, batch, prompts, hints):
     B, M, G, N, alpha = args.batch_size, args.num_samples, args.group_size, args.max_completion_length, args.alpha
     times = {}
     # 1. Rollouts (Sec. 3.1): M per prompt from the small model, (B*M, .) each; early on the large model writes T
-    with timer(times, "generate"), generating(run, ["small"] + ["large"] * hints):
-        rollouts = rollout(small.lm, large.lm, *prompts, args, run.eos_ids, run.pad_id, hints, run.fsdp)
+    with timer(times, "generate"):
+        rollouts = rollout(sampler_of(small), sampler_of(large) if hints else None, *prompts, args, run.eos_ids,
+                           run.pad_id, hints)
     # 2. Rewards r (App. B): accuracy, + format for r1; graded in a worker process while step 3 runs
     with timer(times, "reward"):
         texts, grading = grade_rollouts(run, rollouts, batch)
@@ -602,8 +632,8 @@ def grpo_iteration(run, batch, prompts, hints):
     B, M, G = args.batch_size, args.num_samples, args.group_size
     times = {}
     # 1. Rollouts: M per prompt from the policy, (B*M, .) each
-    with timer(times, "generate"), generating(run, [args.policy]):
-        rollouts = rollout(policy.lm, None, *prompts, args, run.eos_ids, run.pad_id, False, run.fsdp)
+    with timer(times, "generate"):
+        rollouts = rollout(sampler_of(policy), None, *prompts, args, run.eos_ids, run.pad_id, False)
     # 2. Rewards r
     with timer(times, "reward"):
         texts, grading = grade_rollouts(run, rollouts, batch)
@@ -648,6 +678,7 @@ def take_step(run, model, rollouts, advantages, logp_old, times, own=None, loss_
     with timer(times, f"update_{model.name}"):
         metrics = update(model.module, model.optimizer, model.scheduler, rollouts, logp_old, advantages, run.args,
                          own=own, loss_mask=loss_mask, norm=norm, logp_ref=logp_ref, beta=beta)
+    model.stale = model.sampler is not model.lm  # its sampler is refreshed before it next generates
     return Step(advantages, logp_old, own, loss_mask, norm, beta, metrics)
 
 
@@ -656,6 +687,21 @@ def iteration(run, it):
     epoch, batch, prompts = next_batch(run, it)  # this rank's B problems, their prompts: (B, P) ids and mask
     hints = run.args.hint_tokens > 0 and it <= run.hint_iterations  # the first --hint_share of the planned run
     return epoch, batch, ITERATIONS[run.args.algo](run, batch, prompts, hints)
+
+
+def sampler_of(model):
+    """The model that generate() runs for one of the run's models (rollouts, hints, held-out accuracy): a copy of its
+    weights in the compute dtype, as an RL framework's inference engine holds one, so that decoding and its KV cache
+    are in that dtype throughout (autocast over fp32 weights would leave the keys in fp32: RoPE promotes them). It is
+    refreshed here from the master weights when they have stepped since (under FSDP2 gathered from the shards: every
+    rank calls this at the same point). In one fp32 process the sampler is the model itself."""
+    if model.stale:
+        masters = dict(model.lm.named_parameters())
+        with torch.no_grad():
+            for name, w in model.sampler.named_parameters():
+                w.copy_(masters[name].full_tensor() if hasattr(masters[name], "full_tensor") else masters[name])
+        model.stale = False
+    return model.sampler
 
 
 def train(args):
@@ -905,6 +951,25 @@ def load_model(name, dtype, device, gradient_checkpointing):
     return model
 
 
+def compute_dtype(name, device_type):
+    """--dtype's torch dtype: auto is bf16 on GPU, fp32 on CPU."""
+    return {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32, "float32": torch.float32,
+            "bfloat16": torch.bfloat16}[name]
+
+
+def new_sampler(lm, dtype, fsdp):
+    """A model's sampler (sampler_of): in one fp32 process the model itself; otherwise a model of its config in the
+    compute dtype on its device, built the way from_pretrained(dtype=...) builds one (eval.py loads a checkpoint so,
+    and decodes alike), its weights copied from the masters before its first use (stale)."""
+    if dtype == torch.float32 and not fsdp:
+        return lm
+    from transformers import AutoModelForCausalLM
+    with torch.device(next(lm.parameters()).device):
+        sampler = AutoModelForCausalLM.from_config(lm.config, dtype=dtype)
+    sampler.generation_config = lm.generation_config  # ours (load_model)
+    return sampler.requires_grad_(False).eval()
+
+
 def eos_ids_of(tokenizer, *models, chat=False):
     """Every token that ends a completion: the tokenizer's EOS, each model's generation EOS ids, and with chat the
     chat template's end-of-turn token."""
@@ -936,28 +1001,24 @@ def end_of_turn_id(tokenizer):
 
 @torch.inference_mode()
 def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_length, eos_ids, batch_size,
-             temperature=0.0, synced=False, chat=False):
+             temperature=0.0, chat=False, compiled=False):
     """Completion texts (up to the first EOS) for a list of problems: greedy when temperature == 0, else sampled at
-    that temperature with top_k=0, top_p=1. Shared by the trainer's held-out accuracy and eval.py."""
-    from transformers import GenerationConfig
+    that temperature with top_k=0, top_p=1 (decoding()). Shared by the trainer's held-out accuracy and eval.py."""
     was_training = model.training
     model.eval()
-    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
-                else dict(do_sample=False))
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                              **sampling)
+    config = decoding(max_new_tokens, temperature, eos_ids, tokenizer.pad_token_id, compiled,
+                      max_prompt_length + max_new_tokens)
     device, texts = next(model.parameters()).device, []
     for i in tqdm(range(0, len(problems), batch_size), desc="generating", leave=False,
                   disable=None if len(problems) > batch_size else True):
         ids, mask = encode_prompts(tokenizer, problems[i:i + batch_size], template, max_prompt_length, device, chat)
-        comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                              synced_gpus=synced)[:, ids.shape[1]:]
+        comp = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
         texts += decode(tokenizer, comp, completion_mask(comp, eos_ids))
     model.train(was_training)
     return texts
 
 
-def heldout_accuracy(model, tokenizer, rows, args, eos_ids, synced=False):
+def heldout_accuracy(model, tokenizer, rows, args, eos_ids):
     """Accuracy on held-out problems (Figure 3): greedy, or with --eval_temperature one sample per problem from a
     fixed seed (every evaluation draws the same random numbers) -> {'test_accuracy'} and, for integer answers,
     'test_digit_accuracy'. Under torchrun each rank scores every world()-th problem, padded so ranks stay in step."""
@@ -966,7 +1027,7 @@ def heldout_accuracy(model, tokenizer, rows, args, eos_ids, synced=False):
     torch.manual_seed(1234 + R)
     texts = complete(model, tokenizer, [rows[i % len(rows)]["problem"] for i in idx], args.template,
                      args.max_completion_length, args.max_prompt_length, eos_ids, args.gen_batch_size,
-                     args.eval_temperature, synced=synced, chat=args.chat_template)
+                     args.eval_temperature, chat=args.chat_template, compiled=args.compile_decode)
     golds = [rows[i % len(rows)]["answer"] for i in idx]
     scores = grade_batch(texts, golds, args.template, args.grade_timeout)()
     digits = [digit_accuracy(t, g, args.template) for t, g in zip(texts, golds)]
@@ -1010,52 +1071,23 @@ def setup_distributed(timeout_s=Args.dist_timeout):
 def parallelize(model, args, trained, compute_dtype):
     """A model's TokenLogprobs module. One process: as is. torchrun: DDP-wrapped when trained (a frozen model is
     replicated); with --fsdp, sharded by FSDP2: each decoder layer a unit, the root unit holding the embeddings,
-    final norm and head (tied embeddings stay in one unit), compute in compute_dtype, fp32 gradient reduction."""
+    final norm and head (tied embeddings stay in one unit). FSDP2 gathers the fp32 weights and the forward autocasts
+    to compute_dtype, as in one process and under DDP, so that every path computes alike (gathering bf16 weights,
+    param_dtype=bf16, would halve the traffic but make the residual stream and norms bf16); gradients are reduced in
+    fp32. generate() never runs the sharded model: it runs the model's sampler."""
     module, device = TokenLogprobs(model, compute_dtype), next(model.parameters()).device
     if not dist.is_initialized() or not (trained or args.fsdp):
         return module
     if not args.fsdp:
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                              reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     if not hasattr(model.get_decoder(), "layers"):
         raise BadInput(f"--fsdp: {type(model).__name__} has no decoder .layers to shard")
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(module, mp_policy=mp)
-    # FSDP2 takes the first module run as its root, and generate() runs the layers without the root: one token
-    # through the root now makes it the root
-    one = torch.ones((1, 1), dtype=torch.long, device=device)
-    with torch.no_grad():
-        module(one, one, one, one, 1.0, 1)
-    module.reshard()  # the root keeps its parameters gathered after a forward; the optimizer must get the shards
     return module
-
-
-@contextmanager
-def generating(run, names):
-    """Around generate(), in the compute dtype (autocast casts each fp32 weight once per call). Under FSDP2, which
-    generate() bypasses (it runs the inner model, not the root's forward): the root unit's parameters are gathered,
-    and each layer keeps its parameters gathered from its first decoding step to the end of the call."""
-    from torch.distributed.fsdp import FSDPModule
-    roots = [run.models[n].module for n in names if isinstance(run.models[n].module, FSDPModule)]
-    layers = [m for r in roots for m in r.modules() if isinstance(m, FSDPModule) and m is not r]
-    for m in layers:
-        if hasattr(m, "set_reshard_after_forward"):  # older torch: gathered again at each token (slower, same result)
-            m.set_reshard_after_forward(False, recurse=False)
-    for r in roots:
-        r.unshard()
-    try:
-        with autocast_to(run.dtype, run.device):
-            yield
-    finally:
-        for m in layers:
-            if hasattr(m, "set_reshard_after_forward"):
-                m.set_reshard_after_forward(True, recurse=False)
-            m.reshard()
-        for r in roots:
-            r.reshard()
 
 
 def all_reduce(values, op=dist.ReduceOp.SUM):
@@ -1084,7 +1116,7 @@ def reduce_metrics(metrics):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run's state and its set-up: train() calls setup(), iterations(), next_batch(); the iterations call generating()
+# The run's state and its set-up: train() calls setup(), iterations(); iteration() calls next_batch()
 
 
 @dataclass
@@ -1092,9 +1124,11 @@ class Model:
     """One model of the run, as the loop uses it."""
     name: str  # small | large
     prefix: str  # its name in metrics.jsonl and in checkpoints: small, large, or policy (--algo grpo)
-    lm: torch.nn.Module  # the Hugging Face model, fp32 master weights (under FSDP2, their shards): generate() runs it
+    lm: torch.nn.Module  # the Hugging Face model, fp32 master weights (under FSDP2, their shards)
     module: torch.nn.Module  # its TokenLogprobs, which scores and steps (DDP-wrapped, or sharded by FSDP2)
     trained: bool  # kdrl's large model is frozen
+    sampler: torch.nn.Module  # what generate() runs: its weights in the compute dtype (sampler_of), or lm itself
+    stale: bool = False  # the sampler holds the weights before the last step (sampler_of refreshes it)
     optimizer: torch.optim.Optimizer = None  # AdamW, for a trained model
     scheduler: torch.optim.lr_scheduler.LRScheduler = None
 
@@ -1175,10 +1209,11 @@ def setup(args):
                "model that first had GRPO: run --algo grpo --policy large, then --large_model RUN/checkpoint-K/policy")
     old_run = check_output_dir(args, resuming=state is not None)  # every rank checks (and fails alike)
     torch.manual_seed(args.seed)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]  # the compute dtype: weights and AdamW states stay fp32
+    dtype = compute_dtype(args.dtype, device.type)  # weights and AdamW states stay fp32
     lms = {n: load_model(names[n], torch.float32, device, args.gradient_checkpointing) for n in needs}
-    models = {n: Model(n, prefix[n], lms[n], parallelize(lms[n], args, n in trained, dtype), n in trained)
+    modules = {n: parallelize(lms[n], args, n in trained, dtype) for n in needs}
+    samplers = {n: new_sampler(lms[n], dtype, fsdp) for n in needs}
+    models = {n: Model(n, prefix[n], lms[n], modules[n], n in trained, samplers[n], stale=samplers[n] is not lms[n])
               for n in needs}
     for path in old_run if rank() == 0 else []:  # --overwrite: only now, with every input loaded; one rank deletes
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -1197,6 +1232,10 @@ def setup(args):
               int(args.hint_share * planned_steps), start, dtype, models,
               eos_ids_of(tokenizer, *lms.values(), chat=args.chat_template), tokenizer.pad_token_id,
               metrics_file, rollouts_file, report, GRADER["timeouts"])
+    if args.hint_tokens:  # the paper's first epoch only when --hint_share is 1/--epochs and --max_steps is unset
+        print0(f"hints (T = {args.hint_tokens}) in iterations 1..{run.hint_iterations}: --hint_share "
+               f"{args.hint_share:g} of the {planned_steps} planned; an epoch is "
+               f"{len(train_rows) // (args.batch_size * world())} iteration(s)")
     if start > total_steps:  # a finished run resumed as it was
         print0(f"nothing to do: {args.output_dir} has its {total_steps} iterations (a larger --max_steps goes on)")
     else:
@@ -1374,10 +1413,9 @@ def evaluate(run, names):
     metrics = {}
     if not run.eval_rows:
         return metrics
-    with generating(run, names):
-        for n in names:
-            accuracy = heldout_accuracy(run.models[n].lm, run.tokenizer, run.eval_rows, run.args, run.eos_ids, run.fsdp)
-            metrics.update({f"{run.models[n].prefix}/{k}": v for k, v in accuracy.items()})
+    for n in names:
+        accuracy = heldout_accuracy(sampler_of(run.models[n]), run.tokenizer, run.eval_rows, run.args, run.eos_ids)
+        metrics.update({f"{run.models[n].prefix}/{k}": v for k, v in accuracy.items()})
     metrics["test_grade_timeouts"] = float(GRADER["timeouts"] - run.grade_timeouts)  # held-out answers scored 0
     warn_timeouts(metrics["test_grade_timeouts"], len(run.eval_rows) * len(names), "held-out answers", run.args)
     run.grade_timeouts = GRADER["timeouts"]

@@ -194,7 +194,10 @@ def evaluate_models(a):
         raise cg.BadInput(f"--benchmarks {a.benchmarks}: none could be loaded")
     recorded = [trained_args(paths[m]) for m in a.models]
     toy_only = set(problems) == {"toy"}
-    s = dict(temperature=setting(a.temperature, "eval_temperature", recorded, toy_only), batch_size=a.batch_size,
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    s = dict(temperature=setting(a.temperature, "eval_temperature", recorded, toy_only),
+             batch_size=setting(a.batch_size, "gen_batch_size", recorded, toy_only),
+             dtype=setting(a.dtype, "dtype", recorded, toy_only),
              seeds=list(range(a.seeds)),
              template=setting(a.template, "template", recorded, toy_only),
              max_new_tokens=setting(a.max_new_tokens, "max_completion_length", recorded, toy_only),
@@ -202,8 +205,7 @@ def evaluate_models(a):
              chat_template=setting(a.chat_template, "chat_template", recorded, toy_only))
     if s["temperature"] == 0 and a.seeds > 1:
         raise cg.BadInput("--seeds > 1 needs --temperature > 0: greedy decoding gives the same answers every time")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = cg.compute_dtype(s["dtype"], device)  # the trainer's held-out accuracy decodes in it (its sampler)
     accuracies, results = {}, []
     for m in a.models:
         try:
@@ -438,7 +440,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=1, help="K sampled runs, seeds 0..K-1 (with --temperature)")
     p.add_argument("--max_new_tokens", type=int, help="N, max completion tokens; " + default("max_completion_length"))
     p.add_argument("--max_prompt_length", type=int, help="longer prompts are cut; " + default("max_prompt_length"))
-    p.add_argument("--batch_size", type=int, default=64, help="problems per generate call (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, help="problems per generate call; " + default("gen_batch_size"))
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="the weights' dtype when decoding (auto: "
+                   "bf16 on GPU, fp32 on CPU); " + default("dtype"))
     p.add_argument("--template", choices=list(cg.TEMPLATES), help="prompt template; " + default("template"))
     p.add_argument("--chat_template", action=argparse.BooleanOptionalAction,
                    help="wrap prompts in the tokenizer's chat template; " + default("chat_template"))

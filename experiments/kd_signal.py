@@ -10,7 +10,6 @@ the seeds.
     python experiments/kd_signal.py runs/cmp codistill-a1 kdrl kd-token grpo-ds
 """
 import glob
-import json
 import os
 import statistics
 import sys

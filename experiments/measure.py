@@ -69,7 +69,8 @@ def main():
     p.add_argument("models", nargs="*", help="model folders")
     p.add_argument("--world", help="a world's paths as JSON (tiny_world.py --json): its two base models")
     p.add_argument("--runs", nargs="*", default=[], help="run folders: the models of each of their checkpoints")
-    p.add_argument("--test", help="held-out problems (JSONL), when no args.json names them")
+    p.add_argument("--test", help="held-out problems (JSONL), when no args.json names them; toy: the preset world's "
+                   "500 (world seed 0), one set for every build")
     p.add_argument("--prompts", type=int, default=500, help="the first this many held-out problems (default 500)")
     p.add_argument("--samples", type=int, default=8, help="M samples per problem (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
@@ -82,6 +83,7 @@ def main():
         world = json.load(open(a.world))
         todo += [dict(model=world["paths"][n], name=n, world=a.world) for n in ["small", "large"]]
         test = test or world["paths"]["test"]
+    todo = [dict(job, test=test or "its run's") for job in todo]
     if not todo:
         p.error("give model folders, --world or --runs")
     out = open(a.json, "w") if a.json else None
@@ -90,7 +92,7 @@ def main():
         rows_from = test or (json.load(open(args_json)).get("eval_dataset") if os.path.exists(args_json) else None)
         if not rows_from:
             p.error(f"{job['model']}: no args.json beside it names its held-out problems: give --test")
-        rows = trainer_io.read_jsonl(rows_from)[:a.prompts]
+        rows = (tiny_world.problems(0)[1] if rows_from == "toy" else trainer_io.read_jsonl(rows_from))[:a.prompts]
         row = dict(job, threads=torch.get_num_threads(), isa=torch.backends.cpu.get_cpu_capability(),
                    **measure(job["model"], rows, a.samples, a.seed))
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

@@ -14,7 +14,6 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import codistill_grpo as cg  # noqa: E402
 import trainer_io  # noqa: E402
 
 # (model, arm, baseline): the questions each pair answers

@@ -2,13 +2,15 @@
 # The tiny world's robustness gate (README, "The world on every machine"): builds of the world at 1 and 2 threads,
 # world seeds 0-4, warm-up lengths moved by 10%, and under ../shared/tools/other-cpu (another instruction set, which
 # rounds as another CPU would). Each build: its base models measured (experiments/measure.py: M = 8 samples and
-# greedy on the 500 held-out problems, split by the skill the small model lacks), then the quick start run on it
-# (--preset tiny) with the same threads and kernels. Two builds at a time.
+# greedy on its 500 held-out problems, split by the skill the small model lacks; and again on one set for every
+# build, the preset world's, so that a seed's other problems do not count as another model), then the quick start
+# run on it (--preset tiny) with the same threads and kernels. Two builds at a time.
 #     bash experiments/world_gate.sh OUT_DIR [OTHER_CPU]          # both stages
 #     STAGE=build bash experiments/world_gate.sh OUT_DIR          # the builds and measurements only
 #     STAGE=quickstart bash experiments/world_gate.sh OUT_DIR     # the quick starts only (the builds are cached)
 # then: python experiments/world_table.py OUT_DIR
 set -u
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,/^set -u/p' "$0" | grep '^#' | cut -c3-; exit 0; fi
 R=${1:-runs/gate}; OTHER=${2:-../shared/tools/other-cpu}; STAGE=${STAGE:-all}
 export HF_HUB_OFFLINE=1
 mkdir -p $R
@@ -21,6 +23,8 @@ build() {  # name threads wrapper world-flags...
       > $R/$name-build.log 2>&1 || { echo "failed build: $name"; return; }
     OMP_NUM_THREADS=$threads $wrap python experiments/measure.py --world $R/$name-world.json --json $R/$name-base.jsonl \
       >> $R/$name-build.log 2>&1 || { echo "failed measure: $name"; return; }
+    OMP_NUM_THREADS=$threads $wrap python experiments/measure.py --world $R/$name-world.json --test toy \
+      --json $R/$name-common.jsonl >> $R/$name-build.log 2>&1 || { echo "failed measure: $name"; return; }
     echo "{\"build_and_measure_s\": $(($(date +%s) - t0))}" > $R/$name-build-seconds.json
   fi
   if [ $STAGE != build ]; then

@@ -150,12 +150,15 @@ def test_a_short_tiny_run_raises_the_small_models_reward(based, tmp_path):
     assert after > before + 0.02, (before, after)
 
 
-def test_hints_last_for_their_share_of_the_planned_run(based, tmp_path):
-    """Hints (T > 0) in the first --hint_share of the iterations: by default 1/8, the paper's first epoch of 8."""
+def test_hints_last_for_their_share_of_the_planned_run(based, tmp_path, capsys):
+    """Hints (T > 0) in the first --hint_share of the iterations: by default 1/8, the paper's first epoch of 8. The
+    run says which iterations those are, and how long an epoch is (with --max_steps, a share is no epoch)."""
     def hinted(out, *flags):
         cg.main(based_argv(based, out, "--hint_tokens", "3", "--eval_size", "0", *flags))
         return [r["iteration"] for r in map(json.loads, open(out / "metrics.jsonl")) if "small/hint_length" in r]
     assert hinted(tmp_path / "a", "--max_steps", "8") == [1]
+    assert "hints (T = 3) in iterations 1..1: --hint_share 0.125 of the 8 planned; an epoch is 1 iteration(s)" in \
+        capsys.readouterr().out  # the `based` data: 2 problems, B = 2
     assert hinted(tmp_path / "b", "--max_steps", "4", "--hint_share", "0.5") == [1, 2]
     assert hinted(tmp_path / "c", "--max_steps", "2", "--hint_share", "0") == []
     paper = cg.parse_args([])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import codistill_grpo as cg
-from conftest import one_iteration, seqs_of, step_flags, based_argv, tiny_argv
+import eval as ev
+from conftest import based_argv, one_iteration, seqs_of, step_flags, tiny_argv, write_jsonl
 
 
 def test_decode_stops_at_the_mask_whatever_follows(tiny):
@@ -339,3 +340,86 @@ def test_a_non_finite_gradient_skips_the_step(tiny):
     assert stats["skipped_step"] == 1.0 and not math.isfinite(stats["grad_norm"])
     for p, p0 in zip(model.parameters(), model0.parameters()):
         assert torch.equal(p, p0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One compute precision: decoding from a copy in the compute dtype, the head in fp32, every path alike
+
+
+def cache_dtypes(model, tok):
+    """The dtypes of the keys and values a generate() call of the model leaves in its KV cache."""
+    ids, mask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                         pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
+
+
+def test_under_bf16_rollouts_decode_from_a_bf16_copy_that_a_step_refreshes(based, tmp_path):
+    """--dtype bfloat16: generate() runs a copy of each model in bf16, so its KV cache is bf16 throughout (autocast
+    over the fp32 masters leaves the keys in fp32: RoPE promotes them); after the model's step the copy is stale,
+    and sampler_of refreshes it to the masters cast to bf16. In one fp32 process the sampler is the model itself."""
+    run, _, it = one_iteration(based_argv(based, tmp_path / "bf16", "--dtype", "bfloat16", "--eval_size", "0"))
+    small = run.models["small"]
+    assert small.sampler is not small.lm and {p.dtype for p in small.lm.parameters()} == {torch.float32}
+    assert small.stale  # it stepped after decoding this iteration's rollouts
+    sampler = cg.sampler_of(small)
+    assert not small.stale and cache_dtypes(sampler, run.tokenizer) == {torch.bfloat16}
+    masters = dict(small.lm.named_parameters())
+    for name, w in sampler.named_parameters():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, masters[name].detach().to(torch.bfloat16)), name
+    fp32, _, _ = one_iteration(based_argv(based, tmp_path / "fp32", "--eval_size", "0"))
+    assert fp32.models["small"].sampler is fp32.models["small"].lm and not fp32.models["small"].stale
+
+
+def test_the_log_prob_head_is_fp32_under_bf16_compute(tiny):
+    """Under --dtype bfloat16 the decoder runs in bf16 (autocast) and the output head and log-softmax in fp32: the
+    log-probs are those of an fp32 head on the decoder's hidden states, not of logits rounded to bf16."""
+    tok, model = tiny
+    ids, pmask = cg.encode_prompts(tok, ["What is 1 + 2", "What is 45 + 67"], "boxed", 64, "cpu")
+    comp = torch.randint(1, len(tok) - 1, (2, 6), generator=torch.Generator().manual_seed(4))
+    cmask = torch.ones_like(comp)
+    with torch.no_grad():
+        ours = cg.TokenLogprobs(model, torch.bfloat16)(ids, pmask, comp, cmask, 1.0, 5)[0]  # chunks of 5 tokens
+        attn = torch.cat([pmask, cmask], 1)
+        with torch.autocast("cpu", torch.bfloat16):
+            hidden = model.get_decoder()(input_ids=torch.cat([ids, comp], 1), attention_mask=attn,
+                                         position_ids=(attn.cumsum(1) - 1).clamp(min=0)).last_hidden_state
+            rounded = model.get_output_embeddings()(hidden[:, ids.shape[1] - 1:-1])  # bf16 logits
+        head = hidden[:, ids.shape[1] - 1:-1].float() @ model.get_output_embeddings().weight.float().T  # fp32
+    gather = lambda logits: logits.float().log_softmax(-1).gather(-1, comp[..., None]).squeeze(-1)
+    assert rounded.dtype == torch.bfloat16
+    assert torch.allclose(ours, gather(head), atol=1e-5)
+    assert (ours - gather(rounded)).abs().max() > 1e-4  # what a bf16 head would have given instead
+
+
+def test_eval_decodes_a_checkpoint_as_the_trainers_held_out_evaluation(based, tmp_path):
+    """eval.py loads a checkpoint in its run's --dtype and decodes in its batches: the same greedy texts as the
+    trainer's held-out accuracy (its bf16 sampler) for the same problems."""
+    out = tmp_path / "run"
+    run = cg.train(cg.parse_args(based_argv(based, out, "--dtype", "bfloat16", "--eval_temperature", "0",
+                                            "--max_steps", "1", "--eval_size", "8")))
+    rows = run.eval_rows
+    trainer = cg.complete(cg.sampler_of(run.models["small"]), run.tokenizer, [r["problem"] for r in rows], "boxed",
+                          16, 64, run.eos_ids, run.args.gen_batch_size)
+    bench_file = write_jsonl(tmp_path / "held_out.jsonl", rows)
+    ev.main([str(out / "checkpoint-1" / "small"), "--benchmarks", bench_file, "--out", str(tmp_path / "s.json")])
+    scored = json.load(open(tmp_path / "s.json"))["models"]
+    assert scored["settings"]["dtype"] == "bfloat16" and scored["settings"]["temperature"] == 0
+    assert [r["completion"] for r in scored["results"]] == trainer
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens(tiny):
+    """--compile_decode: a static KV cache and a compiled decoding step (30 s to compile here) give the tokens eager
+    generate gives, greedy and sampled from the same seed."""
+    tok, model = tiny
+    problems = [f"What is {1000 + 37 * i} + {2000 + 11 * i}" for i in range(16)]
+    eager = cg.complete(model, tok, problems, "boxed", 12, 64, [tok.eos_token_id], 16)
+    assert cg.complete(model, tok, problems, "boxed", 12, 64, [tok.eos_token_id], 16, compiled=True) == eager
+    ids, mask = cg.encode_prompts(tok, problems, "boxed", 64, "cpu")
+    sampled = []
+    for compiled in [False, True]:
+        torch.manual_seed(3)
+        sampled.append(cg.sample(model, ids, mask, 12, 1.0, [tok.eos_token_id], tok.pad_token_id, 16, compiled, 76))
+    assert torch.equal(*sampled)
