@@ -106,8 +106,9 @@ class Args:
     large_hint_ratio: str = arg("small", "large loss on its own hint tokens: small (Eq. 10), behaviour (itself)",
                                 choices=["small", "behaviour"])
     alpha: float = arg(1.0, "alpha: weight of the KD term (Eq. 6; paper: 1 or 2)")
-    kd_form: str = arg("reward", "KD term: reward (Eq. 6), reward_eq4 (Fig. 9), loss (Sec. 3.1), token (beyond)",
-                       choices=["reward", "reward_eq4", "loss", "token"])
+    kd_form: str = arg("reward", "KD term: reward (Eq. 6), reward_eq4 (Fig. 9), loss (Sec. 3.1), token (beyond); "
+                       "ablations of Eq. 6: rank_only (ranks the M, not in A~), advantage_only (in A~, M ranked by r)",
+                       choices=["reward", "reward_eq4", "loss", "token", "rank_only", "advantage_only"])
     clip_eps: float = arg(0.2, "eps: clip range of the ratio in Eq. (5), (10)")
     loss_norm: str = arg("auto", "a sequence's token sum is divided by: constant N (Eq. 5), length (Eq. 2); auto: "
                          "length for grpo", choices=["auto", "length", "constant"])
@@ -536,17 +537,21 @@ def make_optimizer(model, lr, args, total_steps):
 
 class KDForm(NamedTuple):
     """How the large model's log-probs reach the small step (--kd_form)."""
-    term: Callable  # the sequence-level KD term: r~ = r + alpha * term ranks the M rollouts (Sec. 3.3)
+    term: Callable  # the sequence-level KD term of r~ = r + alpha * term
+    ranks: bool  # r~ ranks the M rollouts (Sec. 3.3); otherwise r does
     in_reward: bool  # A~ centres r~ (Eq. 6, 7); otherwise A~ centres r
     in_loss: bool  # the small loss holds Eq. (2)'s KL term towards pi_theta_old, beta = alpha
     per_token: bool  # each token's advantage adds alpha (log pi_theta_old - log pi_phi_old) at that token
 
 
 KD_FORMS = {
-    "reward": KDForm(kd_reward, in_reward=True, in_loss=False, per_token=False),  # Eq. (6): the paper's
-    "reward_eq4": KDForm(kd_reward_eq4, in_reward=True, in_loss=False, per_token=False),  # App. C, Fig. 9
-    "loss": KDForm(kd_reward, in_reward=False, in_loss=True, per_token=False),  # Sec. 3.1, the alternative it rejects
-    "token": KDForm(kd_reward, in_reward=False, in_loss=False, per_token=True),  # beyond the paper: on-policy KD
+    "reward": KDForm(kd_reward, ranks=True, in_reward=True, in_loss=False, per_token=False),  # Eq. (6): the paper's
+    "reward_eq4": KDForm(kd_reward_eq4, ranks=True, in_reward=True, in_loss=False, per_token=False),  # App. C, Fig. 9
+    "loss": KDForm(kd_reward, ranks=True, in_reward=False, in_loss=True, per_token=False),  # Sec. 3.1, which it rejects
+    "token": KDForm(kd_reward, ranks=True, in_reward=False, in_loss=False, per_token=True),  # beyond: on-policy KD
+    # Eq. (6)'s two uses one at a time (ablations): only in the ranking of the M, or only in A~
+    "rank_only": KDForm(kd_reward, ranks=True, in_reward=False, in_loss=False, per_token=False),
+    "advantage_only": KDForm(kd_reward, ranks=False, in_reward=True, in_loss=False, per_token=False),
 }
 
 
@@ -605,7 +610,7 @@ def codistill_iteration(run, batch, prompts, hints):
     # 4. KD reward r~ (Eq. 6) and downsampling (Sec. 3.3): per prompt the G/2 highest and G/2 lowest r~ of the M
     kd = form.term(logp_large, logp_small, rollouts["mask"], N)  # (B*M,)
     r_kd = r + alpha * kd  # (B*M,)
-    kept = kept_rows(downsample(r_kd.view(B, M), G), M)  # (B*G,)
+    kept = kept_rows(downsample((r_kd if form.ranks else r).view(B, M), G), M)  # (B*G,)
     kept_rollouts = take(rollouts, kept)  # (B*G, .) each
     # 5. Advantages over the kept G: A~ = r~ - mean(r~) (Eq. 7); A = (r - mean r) / (std r + 1e-4) (Eq. 3)
     A_kd = group_advantages((r_kd if form.in_reward else r)[kept].view(B, G), scale_by_std=False).view(-1)  # (B*G,)
@@ -1019,22 +1024,22 @@ def complete(model, tokenizer, problems, template, max_new_tokens, max_prompt_le
 
 
 def heldout_accuracy(model, tokenizer, rows, args, eos_ids):
-    """Accuracy on held-out problems (Figure 3): greedy, or with --eval_temperature one sample per problem from a
-    fixed seed (every evaluation draws the same random numbers) -> {'test_accuracy'} and, for integer answers,
-    'test_digit_accuracy'. Under torchrun each rank scores every world()-th problem, padded so ranks stay in step."""
-    R, W = rank(), world()
-    idx = list(range(R, -(-len(rows) // W) * W, W))  # this rank's problems; indices past the end are padding
-    torch.manual_seed(1234 + R)
-    texts = complete(model, tokenizer, [rows[i % len(rows)]["problem"] for i in idx], args.template,
-                     args.max_completion_length, args.max_prompt_length, eos_ids, args.gen_batch_size,
-                     args.eval_temperature, chat=args.chat_template, compiled=args.compile_decode)
-    golds = [rows[i % len(rows)]["answer"] for i in idx]
-    scores = grade_batch(texts, golds, args.template, args.grade_timeout)()
-    digits = [digit_accuracy(t, g, args.template) for t, g in zip(texts, golds)]
-    real = [i < len(rows) for i in idx]
-    correct, parts, counted = all_reduce([sum(s for s, r in zip(scores, real) if r),
-                                          sum(d for d, r in zip(digits, real) if r and d is not None),
-                                          float(sum(r and d is not None for d, r in zip(digits, real)))])
+    """Accuracy on held-out problems (Figure 3): greedy, or with --eval_temperature one sample per problem ->
+    {'test_accuracy'} and, for integer answers, 'test_digit_accuracy'. The problems are cut into chunks of
+    --gen_batch_size, chunk c sampled from seed 1234 + c, and under torchrun rank r decodes chunks r, r + W, ...: every
+    evaluation draws the same random numbers, and any number of processes decodes the same completions."""
+    R, W, size = rank(), world(), args.gen_batch_size
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    texts, golds = [], []
+    for c in range(R, len(chunks), W):
+        torch.manual_seed(1234 + c)
+        texts += complete(model, tokenizer, [r["problem"] for r in chunks[c]], args.template,
+                          args.max_completion_length, args.max_prompt_length, eos_ids, size, args.eval_temperature,
+                          chat=args.chat_template, compiled=args.compile_decode)
+        golds += [r["answer"] for r in chunks[c]]
+    scores = grade_batch(texts, golds, args.template, args.grade_timeout)() if texts else []
+    digits = [d for d in (digit_accuracy(t, g, args.template) for t, g in zip(texts, golds)) if d is not None]
+    correct, parts, counted = all_reduce([float(sum(scores)), float(sum(digits)), float(len(digits))])
     return dict(test_accuracy=correct / len(rows), **(dict(test_digit_accuracy=parts / counted) if counted else {}))
 
 
@@ -1190,8 +1195,10 @@ def setup(args):
         tiny_world.resolve(args, TEMPLATES, tiny_fields(args))
     needs, trained = ROLES[args.algo] if args.algo != "grpo" else ([args.policy], [args.policy])
     prefix = {n: ("policy" if args.algo == "grpo" else n) for n in needs}  # metric and checkpoint names
-    train_rows, eval_rows = load_data(args)
     state = load_trainer_state(args.resume, [prefix[n] for n in trained]) if args.resume else None
+    if state:
+        keep_the_global_batch(args, state)  # a resume with another number of processes
+    train_rows, eval_rows = load_data(args)
     total_steps, planned_steps, data_hash = plan(args, train_rows, state)
     names = {"small": args.small_model, "large": args.large_model}
     if state:  # the trained models continue from the checkpoint; a frozen one comes from where it came from
@@ -1267,6 +1274,23 @@ def load_data(args):
     return train_rows, eval_rows[:args.eval_size]
 
 
+def keep_the_global_batch(args, state):
+    """A run resumed with another number of processes goes on with its global batch (processes x B prompts), and so
+    with the same problems in the same order: B per rank becomes the global batch over the processes now (recorded
+    in args.json and resumes.jsonl), or BadInput when they do not divide it."""
+    before = state.get("processes", world())  # (checkpoints before this was recorded: as now)
+    if before == world():
+        return
+    global_batch = before * args.batch_size
+    if global_batch % world():
+        raise BadInput(f"--resume {args.resume}: the run's global batch is {global_batch} prompts ({before} processes x "
+                       f"B={args.batch_size}), which {world()} processes cannot share equally: resume with a number of "
+                       "processes that divides it")
+    print0(f"note: the run had {before} process(es), it goes on with {world()}: B = {global_batch // world()} prompts "
+           f"per process (was {args.batch_size}), the same global batch of {global_batch} and the same data order")
+    args.batch_size = global_batch // world()
+
+
 def plan(args, train_rows, state):
     """-> (total_steps, planned_steps, data_hash): the run's last iteration, the length its lr schedule and hint
     window are planned over, and the training data's hash; a resume is checked against what its checkpoint planned."""
@@ -1328,7 +1352,8 @@ def open_outputs(args, state, kept_rows, start):
         if state and os.path.samefile(args.output_dir, os.path.dirname(os.path.abspath(args.resume))):
             supersede(args.output_dir, state["iteration"])  # checkpoints newer than the one resumed from move aside
             write_atomically(os.path.join(args.output_dir, "latest"), os.path.basename(os.path.normpath(args.resume)))
-        write_atomically(os.path.join(args.output_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=1))
+        write_atomically(os.path.join(args.output_dir, "args.json"),
+                         json.dumps(dict(dataclasses.asdict(args), processes=world()), indent=1))
         for name, rows in (kept_rows or {}).items():
             write_atomically(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
         if state:
@@ -1337,6 +1362,7 @@ def open_outputs(args, state, kept_rows, start):
                        saved.get(k) != v}
             with open(paths["resumes"], "a") as f:
                 f.write(json.dumps(dict(iteration=start - 1, checkpoint=args.resume, changed=changed,
+                                        processes=[state.get("processes"), world()],
                                         time=time.strftime("%Y-%m-%d %H:%M:%S"))) + "\n")
         metrics_file, rollouts_file = (open(paths[name], "a") for name in ["metrics", "rollouts"])
     except OSError as e:
@@ -1449,7 +1475,8 @@ def save(run, it):
     """checkpoint-<it>/ (trainer_io.save_checkpoint): the trained models, their optimizers, the plan."""
     trained = [run.models[n] for n in run.trained]
     save_checkpoint({m.prefix: m.module for m in trained}, {m.prefix: (m.optimizer, m.scheduler) for m in trained},
-                    run.tokenizer, run.args, it, dict(planned_steps=run.planned_steps, data=run.data_hash))
+                    run.tokenizer, run.args, it, dict(planned_steps=run.planned_steps, data=run.data_hash,
+                                                      processes=world()))
 
 
 def warn_timeouts(timeouts, answers, what, args):

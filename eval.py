@@ -295,15 +295,24 @@ def runs_table(summaries):
 
 def group_runs(runs):
     """Runs whose arguments differ only in --seed, the folder and what a resumed run may change without changing
-    the run (cg.RESUMABLE: length, cadence, memory knobs) -> [(label, [runs])], in first-seen order. A path holding
-    the run's own seed as a folder (CT from runs/cmp/codistill-a1/SEED/checkpoint-100/large) counts as the same
-    path. A group of several seeds is named after the folder holding them: runs/cmp/ct/{1,2,3} -> ct."""
+    the run (cg.RESUMABLE: length, cadence, memory knobs) -> [(label, [runs])], in first-seen order. B per process
+    and the number of processes count as their product, the global batch. A path holding the run's own seed as a
+    folder (CT from runs/cmp/codistill-a1/SEED/checkpoint-100/large) counts as the same path. A group of several
+    seeds is named after the folder holding them: runs/cmp/ct/{1,2,3} -> ct. Two runs of a group with the same seed
+    are BadInput: they would count as two seeds and understate the spread."""
     groups = {}
     for r in runs:
         seed_dir = f"/{r['args'].get('seed')}/"
         same = {k: v.replace(seed_dir, "/SEED/") if isinstance(v, str) else v for k, v in r["args"].items()
-                if k not in cg.RESUMABLE | {"seed"}}
-        groups.setdefault(json.dumps(same, sort_keys=True) if same else r["dir"], []).append(r)
+                if k not in cg.RESUMABLE | {"seed", "batch_size", "processes"}}
+        if same and "batch_size" in r["args"]:
+            same["global_batch"] = r["args"]["batch_size"] * r["args"].get("processes", 1)
+        group = groups.setdefault(json.dumps(same, sort_keys=True) if same else r["dir"], [])
+        twin = [g["dir"] for g in group if same and g["args"].get("seed") == r["args"].get("seed")]
+        if twin:
+            raise cg.BadInput(f"--runs: {r['dir']} and {twin[0]} have the same settings and the same --seed "
+                              f"{r['args'].get('seed')}: as two seeds of one group they would understate its spread")
+        group.append(r)
     return [(os.path.basename(os.path.dirname(os.path.normpath(g[0]["dir"]))) if len(g) > 1 else g[0]["label"], g)
             for g in groups.values()]
 

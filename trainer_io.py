@@ -265,7 +265,7 @@ def save_checkpoint(modules, optims, tokenizer, args, iteration, plan=None):
                         schedulers={n: sched.state_dict() for n, (opt, sched) in optims.items()}),
                    os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args) | dict(iteration=iteration), f, indent=1)
+            json.dump(dataclasses.asdict(args) | dict(iteration=iteration, processes=world()), f, indent=1)
         shutil.rmtree(final, ignore_errors=True)  # the same iteration saved by an earlier attempt of this run
         os.replace(tmp, final)
         write_atomically(os.path.join(args.output_dir, "latest"), os.path.basename(final) + "\n")

@@ -5,6 +5,7 @@
 # Two runs at a time, one thread each.
 #     bash experiments/calibrate.sh OUT_DIR [CACHE_DIR]
 set -u
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,/^set -u/p' "$0" | grep '^#' | cut -c3-; exit 0; fi
 R=${1:-runs/calibrate}; C=${2:-$HOME/.cache/codistill_grpo}
 T="python codistill_grpo.py --preset tiny --cache_dir $C --seed 101 --algo grpo --max_steps 200 --keep_checkpoints 0"
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The tiny comparison (README, "The paper's claims on a laptop"; protocol in experiments/README.md), once, on seeds
-# 1-5. Every run starts from the same base models (the preset's world, --tiny_seed 0); a seed fixes the data order
-# and the sampling. Two runs at a time, one thread each. KDRL's teacher is GRPO on the large model (calibration seed
-# 101, its best checkpoint on a validation split of the training problems: experiments/teacher.py), so it runs
-# after the calibration; the CT runs start from CoDistill's checkpoints, so they go last.
+# The tiny comparison (README, "The paper's claims on a laptop"; protocol in experiments/README.md, section 3), once,
+# on seeds 1-5. Every run starts from the same base models (the preset's world, --tiny_seed 0); a seed fixes the data
+# order and the sampling; every checkpoint is kept (experiments/measure.py reads them). Two runs at a time, one
+# thread each. KDRL's teacher is GRPO on the large model (calibration seed 101, its best checkpoint on a validation
+# split of the training problems: experiments/teacher.py), so it runs after the calibration; the CT runs start from
+# CoDistill's checkpoints, so they go last.
 #     bash experiments/compare.sh runs/cmp TEACHER [CACHE_DIR] [SEEDS]
 # Run it again after a stop: it goes on where each run was.
 # then: python experiments/paired.py runs/cmp --json experiments/results/comparison.json, and the plots:
-#       python eval.py --runs $(ls -d runs/cmp/*/* | grep -v "/ct/\|grpo-large-120\|rank-") --plot_dir experiments/results
+#       python eval.py --runs $(ls -d runs/cmp/*/* | grep -v "/ct/") --plot_dir experiments/results
 set -u
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,/^set -u/p' "$0" | grep '^#' | cut -c3-; exit 0; fi
 R=${1:-runs/cmp}; TEACHER=$2; C=${3:-$HOME/.cache/codistill_grpo}; SEEDS=${4:-"1 2 3 4 5"}
-T="python codistill_grpo.py --preset tiny --cache_dir $C"
+T="python codistill_grpo.py --preset tiny --cache_dir $C --keep_checkpoints 0"
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 run() {  # a run that was stopped continues from its newest checkpoint (a finished one then does nothing); one
          # stopped before its first checkpoint starts afresh
@@ -30,6 +32,8 @@ run() {  # a run that was stopped continues from its newest checkpoint (a finish
     run $s kd-eq4 --kd_form reward_eq4                      # App. C, Fig. 9: Eq. (4)'s estimator in the reward
     run $s kd-loss --kd_form loss                           # Sec. 3.1, Discussion: the KD term in the loss
     run $s kd-token --kd_form token                         # beyond the paper: token-level on-policy distillation
+    run $s kd-rank-only --kd_form rank_only                 # Eq. (6) ranks the M, A~ from r (one use of two)
+    run $s kd-advantage-only --kd_form advantage_only       # Eq. (6) in A~, the M ranked by r (the other use)
     run $s grpo-large --algo grpo --policy large            # GRPO on the large model, G samples (Table 2)
   done
 } | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"
@@ -37,13 +41,8 @@ for s in $SEEDS; do  # CT (Sec. 4.2): GRPO on the large model from CoDistill's l
   last=$(cat $R/codistill-a1/$s/latest)
   run $s ct --algo grpo --policy large --max_steps 20 --eval_every 5 --large_model $R/codistill-a1/$s/$last/large
 done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"
-for s in $SEEDS; do  # added after the runs above had been read: GRPO on the large model given CT's 20 iterations
-  d=$R/grpo-large-120/$s  # more, so both arms end after 120 large-model updates (a copy of grpo-large, resumed)
+for s in $SEEDS; do  # GRPO on the large model given CT's 20 iterations more: both arms end after 120 large-model
+  d=$R/grpo-large-120/$s  # updates (a copy of grpo-large, resumed)
   [ -d $d ] || cp -r $R/grpo-large/$s $d
   echo "python codistill_grpo.py --resume $d --max_steps 120"
-done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"
-for s in $SEEDS; do  # added after the runs above had been read: does the KD term's cost scale with alpha? does it
-  run $s codistill-a01 --alpha 0.1      # come from ranking the M rollouts by r~, or from paying it in A~?
-  run $s codistill-rank-r | sed "s#codistill_grpo.py#experiments/kd_parts.py rank-by-r#"
-  run $s codistill-rank-only | sed "s#codistill_grpo.py#experiments/kd_parts.py rank-only#"
 done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"

@@ -4,10 +4,10 @@ that codistill_grpo.py loads by path. For timing and memory on a GPU that reache
 
     python experiments/gpu_pair.py OUT_DIR          # -> OUT_DIR/small, OUT_DIR/large, OUT_DIR/train.jsonl
 """
+import argparse
 import json
 import os
 import random
-import sys
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -57,6 +57,6 @@ def main(out):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # --help is not a folder to build the models in
-        sys.exit(__doc__)
-    main(sys.argv[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", help="where the pair and its problems go")
+    main(p.parse_args().out_dir)

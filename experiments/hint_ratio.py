@@ -16,7 +16,7 @@ import tiny_world  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=64)
     own, rest = p.parse_known_args()
     a = tiny_world.resolve(cg.parse_args(["--preset", "tiny", "--hint_tokens", "4", *rest]), cg.TEMPLATES)

@@ -9,6 +9,7 @@ the seeds.
 
     python experiments/kd_signal.py runs/cmp codistill-a1 kdrl kd-token grpo-ds
 """
+import argparse
 import glob
 import os
 import statistics
@@ -52,6 +53,8 @@ def main(root, arms):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="the comparison's folder (compare.sh OUT_DIR)")
+    p.add_argument("arms", nargs="+", help="arms (folders in it) to read")
+    a = p.parse_args()
+    main(a.root, a.arms)

@@ -29,14 +29,15 @@ def measure(model_dir, rows, samples=8, seed=0):
     eos = cg.eos_ids_of(tok, model)
     torch.manual_seed(seed)
     texts = cg.complete(model, tok, [r["problem"] for r in rows for _ in range(samples)], "boxed", 16, 64, eos, 512,
-                        temperature=1.0)
+                        temperature=1.0) if samples else []
     greedy = cg.complete(model, tok, [r["problem"] for r in rows], "boxed", 16, 64, eos, 512)
     return figures(rows, [texts[i * samples:(i + 1) * samples] for i in range(len(rows))], greedy)
 
 
 def figures(rows, sampled, greedy):
     """Sampled accuracy, the fraction of rows with no right sample, digits right and greedy accuracy (sampled: a list
-    of texts per row; greedy: one text per row), on all rows, on those that need the skill and on the rest."""
+    of texts per row, maybe empty; greedy: one text per row), on all rows, on those that need the skill and on the
+    rest."""
     right = lambda text, row: cg.final_answer(text, "boxed") == row["answer"]
     out = {"skill_frac": sum(map(tiny_world.needs_skill, rows)) / len(rows)}
     for part, keep in [("", lambda r: True), ("skill/", tiny_world.needs_skill),
@@ -44,13 +45,14 @@ def figures(rows, sampled, greedy):
         idx = [i for i, r in enumerate(rows) if keep(r)]
         if not idx:
             continue
+        out[f"{part}greedy_accuracy"] = sum(right(greedy[i], rows[i]) for i in idx) / len(idx)
         hits = [[right(t, rows[i]) for t in sampled[i]] for i in idx]
-        out.update({
-            f"{part}sampled_accuracy": sum(map(sum, hits)) / sum(map(len, hits)),
-            f"{part}zero_accuracy_frac": sum(not any(h) for h in hits) / len(idx),
-            f"{part}digit_accuracy": sum(cg.digit_accuracy(t, rows[i]["answer"], "boxed") for i in idx
-                                         for t in sampled[i]) / sum(len(sampled[i]) for i in idx),
-            f"{part}greedy_accuracy": sum(right(greedy[i], rows[i]) for i in idx) / len(idx)})
+        if sum(map(len, hits)):
+            out.update({
+                f"{part}sampled_accuracy": sum(map(sum, hits)) / sum(map(len, hits)),
+                f"{part}zero_accuracy_frac": sum(not any(h) for h in hits) / len(idx),
+                f"{part}digit_accuracy": sum(cg.digit_accuracy(t, rows[i]["answer"], "boxed") for i in idx
+                                             for t in sampled[i]) / sum(len(sampled[i]) for i in idx)})
     return out
 
 
@@ -72,7 +74,7 @@ def main():
     p.add_argument("--test", help="held-out problems (JSONL), when no args.json names them; toy: the preset world's "
                    "500 (world seed 0), one set for every build")
     p.add_argument("--prompts", type=int, default=500, help="the first this many held-out problems (default 500)")
-    p.add_argument("--samples", type=int, default=8, help="M samples per problem (default 8)")
+    p.add_argument("--samples", type=int, default=8, help="M samples per problem (default 8; 0: greedy only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--json", help="also write one JSON line per model to this file")
     a = p.parse_args()

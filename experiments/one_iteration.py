@@ -10,7 +10,7 @@ import json
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path")
     p.add_argument("--iteration", type=int, default=1)
     p.add_argument("--prompt", type=int, default=0, help="which of the iteration's logged prompts")

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import trainer_io  # noqa: E402
 
-# (model, arm, baseline): the questions each pair answers
+# (model, arm, baseline): the questions each pair answers, fixed before the comparison on world v6 ran
 PAIRS = [
     ("small", "codistill-a1", "grpo-g"),        # Table 1's claim: CoDistill beats GRPO on the small model
     ("small", "codistill-a2", "grpo-g"),
@@ -25,17 +25,16 @@ PAIRS = [
     ("small", "codistill-a1", "grpo-ds"),       # the KD term against the same M samples ranked by r alone
     ("small", "codistill-hints", "codistill-a1"),
     ("small", "codistill-a1", "ablation-a0"),   # App. C: the KD term and downsampling
-    ("small", "kd-token", "codistill-a1"),      # token-level against sequence-level KD (the last result's explanation)
+    ("small", "kd-token", "codistill-a1"),      # token-level against sequence-level KD
     ("small", "codistill-a1", "kd-loss"),       # Sec. 3.1: KD in the reward against KD in the loss
     ("small", "codistill-a1", "kd-eq4"),        # Sec. 3.1, Fig. 9: Eq. (6) against Eq. (4)'s estimator
-    ("small", "codistill-a01", "grpo-g"),       # added after the runs: alpha = 0.1, is the cost proportional to alpha?
-    ("small", "codistill-rank-r", "codistill-a1"),  # added after: the M ranked by r, the KD term only in A~
-    ("small", "codistill-rank-r", "grpo-ds"),
-    ("small", "codistill-rank-only", "grpo-ds"),   # added after: the M ranked by r~, no KD term in A~
-    ("small", "codistill-rank-only", "codistill-a1"),
+    ("small", "kd-rank-only", "codistill-a1"),  # the KD term's two uses, one at a time (world v5's finding)
+    ("small", "kd-advantage-only", "codistill-a1"),
+    ("small", "kd-rank-only", "grpo-ds"),
+    ("small", "kd-advantage-only", "grpo-ds"),
     ("large", "codistill-a1", "grpo-large"),    # Table 2: the large model from the small model's rollouts
     ("large", "ct", "grpo-large"),              # Table 2: CoDistill + CT
-    ("large", "ct", "grpo-large-120"),          # added after the runs: the same 120 large-model updates ("end" only)
+    ("large", "ct", "grpo-large-120"),          # the same 120 large-model updates (CT's "end" only)
 ]
 
 
@@ -77,10 +76,10 @@ def mean_se(xs):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("root")
-    p.add_argument("--seeds", default="1,2,3,4,5")
-    p.add_argument("--json")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="the comparison's folder (compare.sh OUT_DIR): one folder per arm, one per seed in it")
+    p.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated (default: %(default)s)")
+    p.add_argument("--json", help="also write the figures and the verdicts to this file")
     a = p.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
     groups = sorted(d for d in os.listdir(a.root) if os.path.isdir(os.path.join(a.root, d)))

@@ -19,7 +19,7 @@ import trainer_io  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
     p.add_argument("--validation", type=int, default=500, help="the last N training problems")
     p.add_argument("--up_to", type=int, default=0, help="only checkpoints up to this iteration (the budget)")

@@ -188,10 +188,11 @@ def test_kdrl_says_when_its_teacher_never_had_grpo(based, tmp_path, capsys):
     assert "freezes a large model that first had GRPO" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("form", ["reward", "reward_eq4", "loss", "token"])
+@pytest.mark.parametrize("form", ["reward", "reward_eq4", "loss", "token", "rank_only", "advantage_only"])
 def test_each_form_of_the_kd_signal_reaches_the_small_step(based, tmp_path, form):
     """--kd_form: Eq. (6) in the reward (the paper), Eq. (4)'s estimator in the reward (Fig. 9), Eq. (2)'s KL term in
-    the loss with pi_ref = pi_theta_old (Sec. 3.1), or each token's log-ratio in its advantage. The rows of
+    the loss with pi_ref = pi_theta_old (Sec. 3.1), or each token's log-ratio in its advantage; and Eq. (6) in one
+    of its two uses only: ranking the M (rank_only) or in A~ (advantage_only, the M ranked by r). The rows of
     rollouts.jsonl hold r, the KD term, r~ and A~ of each completion and its per-token log-ratios: recompute each
     form from them."""
     run, batch, it = one_iteration(based_argv(based, tmp_path, "--kd_form", form, "--eval_size", "0", "--alpha", "2"))
@@ -205,7 +206,9 @@ def test_each_form_of_the_kd_signal_reaches_the_small_step(based, tmp_path, form
             assert c["kd"] == pytest.approx(eq4 if form == "reward_eq4" else eq6, abs=1e-3)
             assert c["r_kd"] == pytest.approx(c["r"] + 2 * c["kd"], abs=1e-5)  # ranks the M (Sec. 3.3)
         kept = [c for c in row["completions"] if c["kept"]]
-        paid = [c["r_kd"] if form in ("reward", "reward_eq4") else c["r"] for c in kept]  # what A~ centres
+        ranked = sorted(c["r" if form == "advantage_only" else "r_kd"] for c in row["completions"])
+        assert sorted(c["r" if form == "advantage_only" else "r_kd"] for c in kept) == ranked[:2] + ranked[-2:]
+        paid = [c["r_kd"] if form in ("reward", "reward_eq4", "advantage_only") else c["r"] for c in kept]
         assert [c["A_kd"] for c in kept] == pytest.approx([x - sum(paid) / len(paid) for x in paid], abs=1e-5)
     small, large = it.steps["small"], it.steps["large"]
     assert small.beta == (2.0 if form == "loss" else 0.0)

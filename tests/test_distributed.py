@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import codistill_grpo as cg
+import trainer_io
 from conftest import HERE, seqs_of, step_flags, based_argv, tiny_argv
 
 
@@ -155,3 +156,35 @@ def test_a_two_process_run_resumes_in_one_process(based, tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["distributed-worker"]:  # started by torchrun, see torchrun()
     distributed_worker(*sys.argv[2:])
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_number_of_processes_keeps_the_global_batch_and_the_data(based, tmp_path):
+    """2 processes x B = 1, stopped after iteration 2 and resumed in 1 process: B becomes 2 (the global batch kept,
+    recorded in args.json and resumes.jsonl), and iterations 3 and 4 train on the problems the straight 2-process
+    run trained on. Held-out accuracy decodes the same completions whatever the number of processes; 3 processes
+    cannot share the global batch of 2 and are refused."""
+    flags = ["--batch_size", "1", "--save_every", "2", "--eval_every", "1", "--eval_size", "8", "--gen_batch_size", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    world = based  # the `based` models (they write answers) on the world's 10,000 problems
+    for out, steps in [(straight, "4"), (split, "2")]:
+        p = torchrun("codistill_grpo.py", *tiny_argv(world, out, *flags, "--max_steps", steps))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cg.main(["--output_dir", str(split), "--resume", "--max_steps", "4"])
+    saved = json.load(open(split / "args.json"))
+    assert (saved["batch_size"], saved["processes"]) == (2, 1)
+    [resume] = [json.loads(l) for l in open(split / "resumes.jsonl")]
+    assert resume["processes"] == [2, 1] and resume["changed"]["batch_size"] == [1, 2]
+    first = lambda out, it: [r["problem"] for r in map(json.loads, open(out / "rollouts.jsonl")) if r["iteration"] == it][0]
+    assert [first(split, it) for it in (3, 4)] == [first(straight, it) for it in (3, 4)]
+    row0 = json.loads(open(straight / "metrics.jsonl").readline())  # the starting models, decoded by 2 processes
+    args = cg.parse_args(tiny_argv(world, tmp_path / "x", *flags))
+    tok = cg.load_tokenizer(world["small"])
+    model = cg.load_model(world["small"], torch.float32, "cpu", False)
+    rows = trainer_io.read_jsonl(world["test"])[:8]
+    one = cg.heldout_accuracy(model, tok, rows, args, cg.eos_ids_of(tok, model))  # and by one
+    assert one["test_digit_accuracy"] > 0  # random weights: some digits in place, not vacuous
+    assert row0["small/test_digit_accuracy"] == pytest.approx(one["test_digit_accuracy"], abs=1e-12)
+    assert row0["small/test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1e-12)
+    p = torchrun("codistill_grpo.py", "--output_dir", str(split), "--resume", "--max_steps", "5", nproc=3)
+    assert p.returncode != 0 and "3 processes cannot share equally" in p.stderr

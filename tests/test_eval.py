@@ -305,3 +305,21 @@ def test_a_run_with_only_its_first_line_half_written_has_no_rows(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         ev.main(["--runs", str(run), "--plot_dir", str(tmp_path / "plots")])
     assert e.value.code == 2 and "no rows yet" in capsys.readouterr().err
+
+
+def test_a_repeated_seed_is_refused_and_the_global_batch_groups_runs(tmp_path, capsys):
+    """Two runs of one setting with the same seed would count as two seeds (a spread understated): refused. A run of
+    2 processes x B is another setting than one process with B, and the same as one process with 2 B."""
+    def run(folder, seed, batch_size=2, **args):
+        d = tmp_path / folder
+        d.mkdir(parents=True)
+        (d / "args.json").write_text(json.dumps(dict(algo="codistill", seed=seed, batch_size=batch_size, **args)))
+        (d / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "small/test_accuracy": 0.1}) + "\n")
+        return str(d)
+    a, b = run("a/1", 1), run("a/2", 2)
+    twin = run("again/1", 1)
+    assert "the same settings and the same --seed 1" in exit_2(["--runs", a, b, twin], capsys, ev.main)
+    two = run("two/3", 3, processes=2)
+    doubled = run("doubled/4", 4, batch_size=4, processes=1)
+    groups = ev.group_runs([ev.load_run(d) for d in [a, b, two, doubled]])
+    assert [len(g) for _, g in groups] == [2, 2]  # {a, b} and {2 x 2, 1 x 4}
