@@ -58,9 +58,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer_io import (  # the trainer's files and bad input (trainer_io.py): machinery the paper does not describe
-    BadInput, Stopped, check_output_dir, check_room, find_checkpoint, had_grpo, last_boxed, load_problems,
-    load_trainer_state, one_run_at_a_time, open_reporter, print0, rank, rows_to_keep, save_checkpoint, supersede,
-    training_problems, where_it_stopped, world, write_atomically, write_row)
+    BadInput, Stopped, check_output_dir, check_room, checkpoint_problem, checkpoints_in, find_checkpoint, had_grpo,
+    last_boxed, load_problems, load_trainer_state, one_run_at_a_time, open_reporter, print0, problem_key, rank,
+    rows_to_keep, save_checkpoint, supersede, training_problems, where_it_stopped, world, write_atomically, write_row)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments and presets. The defaults are the paper's Qwen setting (Appendix B, Table 3).
@@ -135,7 +135,8 @@ class Args:
     seed: int = arg(0, "random seed: data order and sampling")
     save_every: int = arg(100, "checkpoint every this many iterations (and at the end); 0: only at the end")
     keep_checkpoints: int = arg(3, "keep the newest K checkpoints (the disk needs room for K + 1); 0: all")
-    resume: str = arg("", "continue: alone, from --output_dir's newest checkpoint; or from PATH", nargs="?",
+    resume: str = arg("", "continue: alone, from --output_dir's newest checkpoint; or from PATH; auto: from the newest "
+                      "checkpoint if there is one, else start (for torchrun --max-restarts)", nargs="?",
                       const="latest")
     overwrite: bool = arg(False, "start afresh in an --output_dir that holds a run (its files are deleted)")
     grade_timeout: float = arg(GRADE_TIMEOUT_S, "seconds one answer may take to grade; past it, it scores 0")
@@ -1059,18 +1060,64 @@ def setup_distributed(timeout_s=Args.dist_timeout):
         if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun has already gathered its ranks
             print(f"{who}: waiting for the other ranks (up to {timeout_s:g} s: --dist_timeout)", file=sys.stderr,
                   flush=True)
-        interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)  # the wait is in C++: let Ctrl-C end it at once
+        # the wait is in C++: Ctrl-C and torchrun's SIGTERM end it at once
+        handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+        t = time.time()
         try:
             dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         except Exception as e:  # the store's timeout and connection errors have several types across versions
-            raise BadInput(f"{who}: the process group did not form within {timeout_s:g} s (--dist_timeout): are all "
-                           f"ranks started with the same MASTER_ADDR and WORLD_SIZE? ({type(e).__name__})") from None
+            waited = time.time() - t
+            why = (f"did not form within {timeout_s:g} s (--dist_timeout)" if waited >= timeout_s else
+                   f"could not form after {waited:.0f} s ({type(e).__name__}: {fault_message(e)})")
+            raise BadInput(f"{who}: the process group {why}: are all ranks started with the same MASTER_ADDR, "
+                           "MASTER_PORT and WORLD_SIZE, and is the port free?") from None
         finally:
-            signal.signal(signal.SIGINT, interrupt)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        die_with_the_launcher()
     if not cuda:
         return torch.device("cpu")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def die_with_the_launcher():
+    """Under torchrun, ask Linux to send this rank SIGTERM when its launcher dies (even by SIGKILL), so that ranks never
+    train on as orphans; elsewhere (no prctl) a no-op."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the launcher died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def check_ranks_agree(args):
+    """Under torchrun, every rank must run the same settings (rank 0 records its own; the others would train their
+    share with theirs, silently): BadInput naming each flag the ranks disagree on, before any work. --cache_dir may
+    differ (a machine's own disk)."""
+    if not dist.is_initialized() or world() == 1:
+        return
+    mine = {k: v for k, v in dataclasses.asdict(args).items() if k != "cache_dir"}
+    everyone = [None] * world()
+    dist.all_gather_object(everyone, mine)
+    differ = [k for k in mine if len({json.dumps(r.get(k)) for r in everyone}) > 1]
+    if differ:
+        values = lambda k: ", ".join(f"rank {i}: {r.get(k)!r}" for i, r in enumerate(everyone))
+        raise BadInput("the ranks were started with different flags: " + "; ".join(f"--{k} ({values(k)})"
+                                                                                    for k in differ))
+
+
+DIST_FAULTS = ("gloo", "nccl", "NCCL", "Connection reset", "Connection closed", "Connection refused", "Timed out",
+               "timed out", "Broken pipe", "ProcessGroup", "DistBackendError", "socket")
+
+
+def fault_message(e):
+    """An error's first line without the C++ source location torch puts in front of it."""
+    return re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", (str(e).splitlines() or [""])[0]).strip()[:200]
 
 
 def parallelize(model, args, trained, compute_dtype):
@@ -1187,6 +1234,7 @@ def setup(args):
     transformers.utils.logging.disable_progress_bar()  # per-shard bars would drown ours
     check_args(args)
     device = setup_distributed(args.dist_timeout)  # torchrun: one process per device; otherwise one process
+    check_ranks_agree(args)
     fsdp = args.fsdp and dist.is_initialized()
     if args.fsdp and not fsdp:
         print("note: --fsdp takes effect under torchrun; one process trains unsharded")
@@ -1262,9 +1310,9 @@ def load_data(args):
     are never trained on: any of --dataset's rows that is also in --eval_dataset is left out."""
     train_rows = training_problems(args.dataset)
     eval_rows = load_problems(args.eval_dataset, "test") if args.eval_size else []
-    held_out = {r["problem"].strip() for r in eval_rows}  # found by content
-    if held_out and any(r["problem"].strip() in held_out for r in train_rows):
-        kept = [r for r in train_rows if r["problem"].strip() not in held_out]
+    held_out = {problem_key(r["problem"]) for r in eval_rows}  # found by content, whatever the whitespace
+    if held_out and any(problem_key(r["problem"]) in held_out for r in train_rows):
+        kept = [r for r in train_rows if problem_key(r["problem"]) not in held_out]
         print0(f"note: {len(train_rows) - len(kept)} problems of --dataset are also in --eval_dataset and are left "
                "out of training (held-out problems are never trained on)")
         train_rows = kept
@@ -1348,6 +1396,7 @@ def open_outputs(args, state, kept_rows, start):
     if rank() != 0:
         return None, None, lambda m, step: None
     paths = {name: os.path.join(args.output_dir, f"{name}.jsonl") for name in ["metrics", "rollouts", "resumes"]}
+    saved = saved_args(args.resume) if state else {}  # read (and checked) before anything is written
     try:
         if state and os.path.samefile(args.output_dir, os.path.dirname(os.path.abspath(args.resume))):
             supersede(args.output_dir, state["iteration"])  # checkpoints newer than the one resumed from move aside
@@ -1357,7 +1406,6 @@ def open_outputs(args, state, kept_rows, start):
         for name, rows in (kept_rows or {}).items():
             write_atomically(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
         if state:
-            saved = saved_args(args.resume)
             changed = {k: [saved.get(k), v] for k, v in dataclasses.asdict(args).items() if k != "resume" and
                        saved.get(k) != v}
             with open(paths["resumes"], "a") as f:
@@ -1560,11 +1608,18 @@ def parse_args(argv=None):
             p.add_argument(f"--{f.name}", type=f.type, **extra, **kw)
     given = vars(p.parse_args(argv))
     base = PRESETS[given.get("preset", "")]
+    output_dir = given.get("output_dir", base.get("output_dir", Args.output_dir))
+    restart = given.get("resume") == "auto"  # a restarted torchrun worker runs its first command line again
+    if restart:  # from the newest checkpoint, if there is one; else from the start
+        if os.path.isdir(output_dir) and any(not checkpoint_problem(c) for c in checkpoints_in(output_dir)):
+            given["resume"] = "latest"
+        else:
+            del given["resume"]
     if given.get("resume"):
-        output_dir = given.get("output_dir", base.get("output_dir", Args.output_dir))
         ckpt = find_checkpoint(output_dir if given["resume"] == "latest" else given["resume"])
         base = saved_args(ckpt)
-        changed = [f"--{k} {base[k]!r} -> {v!r}" for k, v in given.items() if k not in RESUMABLE and base.get(k) != v]
+        changed = [f"--{k} {base[k]!r} -> {v!r}" for k, v in given.items() if k not in RESUMABLE and base.get(k) != v
+                   and not str(v).startswith("tiny:")]  # (a tiny: name is resolved again, to the same world)
         if changed:  # args.json, and eval.py's grouping of runs, must describe the whole run
             raise BadInput(f"--resume {ckpt}: a resumed run keeps the settings that define it; these differ from "
                            f"its args.json: {', '.join(changed)} (start a new run to change them)")
@@ -1572,7 +1627,25 @@ def parse_args(argv=None):
         given.pop("resume")
     elif {**base, **given}.get("algo") == "grpo" and "num_samples" not in given:
         given["num_samples"] = given.get("group_size", base.get("group_size", Args.group_size))
-    return Args(**{**base, **given})
+    args = Args(**{**base, **given})
+    if restart and not args.resume:
+        args.overwrite = restarting_the_same_run(args)
+    return args
+
+
+def restarting_the_same_run(args):
+    """--resume auto with no checkpoint yet: whether --output_dir holds nothing, or only this run's own first attempt
+    (its args.json as ours), which a restart may replace; BadInput when it holds another run."""
+    path = os.path.join(args.output_dir, "args.json")
+    if not os.path.exists(path):
+        return False
+    saved = checked_args(read_json_object(path), path, complete=False)
+    ours = dataclasses.asdict(args)
+    differ = [k for k in saved if k not in RESUMABLE and saved[k] != ours[k] and not str(ours[k]).startswith("tiny:")]
+    if differ:
+        raise BadInput(f"--resume auto: --output_dir {args.output_dir} holds another run (its {', '.join(differ[:3])} "
+                       "differ) and no checkpoint of it: choose another folder")
+    return True
 
 
 # What a resumed run may change: how long it runs, how often it evaluates and saves, how it fits in memory (not
@@ -1582,16 +1655,24 @@ RESUMABLE = {"max_steps", "eval_every", "eval_size", "save_every", "keep_checkpo
              "overwrite", "dist_timeout", "preset", "resume"}
 
 
-def saved_args(ckpt):
-    """The arguments a checkpoint was saved with (its args.json): every setting that defines the run, each of its
-    flag's type, or BadInput (a missing one would silently become the default, which may not be what the run used)."""
-    path = os.path.join(ckpt, "args.json")
+def read_json_object(path):
+    """A JSON object from a file, or BadInput naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         assert isinstance(saved, dict)
     except (OSError, ValueError, RecursionError, AssertionError) as e:
-        raise BadInput(f"--resume {ckpt}: {path} cannot be read ({type(e).__name__})") from None
+        raise BadInput(f"{path} cannot be read ({type(e).__name__})") from None
+    return saved
+
+
+def saved_args(ckpt):
+    """The arguments a checkpoint was saved with (its args.json): every setting that defines the run, each of its
+    flag's type, or BadInput (a missing one would silently become the default, which may not be what the run used)."""
+    try:
+        saved = read_json_object(os.path.join(ckpt, "args.json"))
+    except BadInput as e:
+        raise BadInput(f"--resume {ckpt}: {e}") from None
     return checked_args(saved, f"--resume {ckpt}: its args.json")
 
 
@@ -1675,16 +1756,24 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, BadInput) else 1)
     except RuntimeError as e:
-        if "probability tensor contains" not in str(e):
-            raise
-        print(f"error: sampling met NaN or infinite probabilities: a model's weights have diverged (lower the learning "
-              f"rate and resume from an earlier checkpoint){': ' + where_it_stopped(args.output_dir) if args else ''}",
-              file=sys.stderr)
-        sys.exit(1)
+        where = f": {where_it_stopped(args.output_dir)}" if args else ""
+        if "probability tensor contains" in str(e):
+            print(f"error: sampling met NaN or infinite probabilities: a model's weights have diverged (lower the "
+                  f"learning rate and resume from an earlier checkpoint){where}", file=sys.stderr)
+            sys.exit(1)
+        if dist.is_initialized() and world() > 1 and any(k in str(e) for k in DIST_FAULTS):  # every rank says it
+            print(f"error: rank {rank()} of {world()} lost the other ranks ({fault_message(e)}): one of them died or hung "
+                  f"past --dist_timeout {args.dist_timeout if args else Args.dist_timeout:g} s{where}", file=sys.stderr)
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(1)  # destroy_process_group would wait for the lost ranks
+        raise
     except (KeyboardInterrupt, Terminated) as e:
-        if rank() == 0:
+        # Ctrl-C reaches every rank of a terminal's job, and rank 0 speaks; SIGTERM is also what torchrun sends the
+        # others when a rank dies (rank 0 too, maybe), so then each names where the run stopped
+        if rank() == 0 or isinstance(e, Terminated):
             what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-            print(f"\n{what}{'' if args is None else ': ' + where_it_stopped(args.output_dir)}", file=sys.stderr)
+            who = f"rank {rank()} of {world()}: " if world() > 1 else ""
+            print(f"\n{what}{'' if args is None else f': {who}' + where_it_stopped(args.output_dir)}", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     finally:
         if main_thread:

@@ -189,6 +189,10 @@ def evaluate_models(a):
     transformers.utils.logging.disable_progress_bar()
     paths = {m: model_path(m, a.cache_dir) for m in a.models}
     tokenizers = {m: cg.load_tokenizer(paths[m]) for m in a.models}  # bad model names fail before any work
+    for m in a.models:  # and so do damaged weights: a local folder's are checked before any model is scored
+        problem = trainer_io.model_problem(paths[m]) if os.path.isdir(paths[m]) else None
+        if problem:
+            raise cg.BadInput(f"model {m}: {problem}")
     problems = load_benchmarks(names, a.limit)
     if not problems:
         raise cg.BadInput(f"--benchmarks {a.benchmarks}: none could be loaded")
@@ -208,10 +212,7 @@ def evaluate_models(a):
     dtype = cg.compute_dtype(s["dtype"], device)  # the trainer's held-out accuracy decodes in it (its sampler)
     accuracies, results = {}, []
     for m in a.models:
-        try:
-            model = cg.load_model(paths[m], dtype, device, gradient_checkpointing=False)
-        except Exception as e:
-            raise cg.BadInput(f"model {m}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        model = cg.load_model(paths[m], dtype, device, gradient_checkpointing=False)  # BadInput naming it
         accuracies[m] = {b: None for b in names}
         for b, rows in problems.items():
             per_seed = [score_model(model, tokenizers[m], rows, s, seed) for seed in s["seeds"]]

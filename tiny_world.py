@@ -22,6 +22,8 @@ model's sampling leaves it: to put its probability on the answers it already ran
 """
 
 import argparse
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -52,6 +54,7 @@ EOS = "<|endoftext|>"  # EOS and pad are the same token, as in Qwen2.5 base mode
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's ChatML, no system turn
 VERSION = "v6"  # part of the cache key: bump it when the world changes
+WORLD_MB = 5  # a built world's size on disk, with room to spare (1.7 MB measured)
 
 
 def problems(seed, n_train=10_000, n_test=500, digits=DIGITS, carries=False):
@@ -178,14 +181,37 @@ def build(cache_dir, templates, seed=0, steps=None, verbose=True):
     root = os.path.join(cache_dir, f"tiny-{key}")
     paths = {name: os.path.join(root, name) for name in ["small", "large"]}
     paths.update(train=os.path.join(root, "train.jsonl"), test=os.path.join(root, "test.jsonl"))
-    if os.path.exists(os.path.join(root, "DONE")):
-        damage = damaged(paths)
-        if not damage:
-            if verbose:
-                print(f"tiny offline world: {root} (cached)")
-            return paths
+    if cached(root, paths, verbose):
+        return paths
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(f"{root}.lock", "a") as lock:  # one build of a world at a time: a second process waits for the first
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"another process is building {root}: waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if cached(root, paths, verbose):
+                return paths
+        return build_into(root, paths, cache_dir, templates, seed, steps, verbose)
+
+
+def cached(root, paths, verbose):
+    """Whether the world is in the cache, whole (a damaged one is said so, and built again)."""
+    if not os.path.exists(os.path.join(root, "DONE")):
+        return False
+    damage = damaged(paths)
+    if damage:
         print(f"the cached tiny world in {root} is damaged ({damage}): building it again", flush=True)
+    elif verbose:
+        print(f"tiny offline world: {root} (cached)")
+    return not damage
+
+
+def build_into(root, paths, cache_dir, templates, seed, steps, verbose):
+    """build()'s work, under its lock: the world written aside, then renamed into place."""
     remove_abandoned_builds(cache_dir)
+    if shutil.disk_usage(cache_dir).free < WORLD_MB * 2**20:  # fail now, not after minutes of warm-up
+        raise OSError(errno.ENOSPC, "not enough room")
     if verbose:
         print(f"building the tiny offline world in {root} (once; later runs take it from there)", flush=True)
     import transformers
@@ -222,13 +248,15 @@ def resolve(args, templates, fields=("small_model", "large_model", "dataset", "e
     from trainer_io import BadInput, rank
     try:
         os.makedirs(args.cache_dir, exist_ok=True)
-    except OSError as e:
-        raise BadInput(f"--cache_dir {args.cache_dir}: not a writable folder ({e.strerror})") from None
-    if dist.is_initialized():
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            build(args.cache_dir, templates, args.tiny_seed)
-        dist.barrier()
-    paths = build(args.cache_dir, templates, args.tiny_seed, verbose=rank() == 0)
+        if dist.is_initialized():
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                build(args.cache_dir, templates, args.tiny_seed)
+            dist.barrier()
+        paths = build(args.cache_dir, templates, args.tiny_seed, verbose=rank() == 0)
+    except OSError as e:  # a read-only or full disk
+        free = shutil.disk_usage(args.cache_dir).free / 2**20 if os.path.isdir(args.cache_dir) else 0
+        raise BadInput(f"--cache_dir {args.cache_dir}: the tiny world cannot be built there ({e.strerror}); it needs a "
+                       f"writable folder with about {WORLD_MB} MB free ({free:.0f} MB are)") from None
     for f in fields:
         value = getattr(args, f)
         if value.startswith("tiny:"):

@@ -57,14 +57,15 @@ def print0(*args, **kw):
 
 
 def read_text(path):
-    """A UTF-8 text file, BadInput naming the file and the line of the first byte that is not UTF-8."""
+    """A UTF-8 text file (a byte-order mark in front, as some editors write, is dropped), BadInput naming the file and
+    the line of the first byte that is not UTF-8."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise BadInput(f"{path}: line {line} is not UTF-8 text") from None
@@ -183,7 +184,30 @@ def load_problems(name, split="train"):
         where, places = f"{name} ({'+'.join(splits)})", [f"row {i}" for i in range(1, len(rows) + 1)]
     if not rows:
         raise BadInput(f"dataset {where}: no rows")
-    return [checked_row(r, f"dataset {where}: {place}") for r, place in zip(rows, places)]
+    rows = [checked_row(r, f"dataset {where}: {place}") for r, place in zip(rows, places)]
+    warn_about(rows, f"dataset {where}")
+    return rows
+
+
+def problem_key(problem):
+    """A problem as the trainer compares problems: its words, whatever the whitespace between them."""
+    return " ".join(problem.split())
+
+
+def warn_about(rows, where):
+    """One line for each thing in a dataset that trains or scores wrong without stopping a run: the same problem with
+    different answers (each copy is trained on with its own), and answers with characters the grader may not read."""
+    answers = {}
+    for r in rows:
+        answers.setdefault(problem_key(r["problem"]), set()).add(r["answer"])
+    clashes = [(p, sorted(a)) for p, a in answers.items() if len(a) > 1]
+    if clashes:
+        print0(f"warning: {where}: {len(clashes)} problem(s) appear with different answers (e.g. {clashes[0][0][:60]!r}: "
+               f"{' and '.join(repr(a) for a in clashes[0][1][:2])}); each copy is trained on, and scored, with its own")
+    odd = [r["answer"] for r in rows if not r["answer"].isascii()]
+    if odd:
+        print0(f"warning: {where}: {len(odd)} answer(s) hold characters the grader may not read (e.g. {odd[0][:40]!r}); "
+               "write them in LaTeX")
 
 
 def checked_row(row, where):
@@ -198,7 +222,28 @@ def checked_row(row, where):
     if not number and not (isinstance(answer, str) and answer.strip()):
         raise BadInput(f"{where}: 'answer' must be non-blank text or a number, got {str(answer)[:40]!r}")
     number_text = format(decimal.Decimal(repr(answer)).normalize(), "f") if number else None  # never 1e-05
-    return {"problem": problem, "answer": number_text or answer.strip()}
+    return {"problem": problem, "answer": number_text or latex_of(answer.strip())}
+
+
+UNICODE_MATH = {"\u2212": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u03c0": "\\pi ", "\u221e": "\\infty ",
+                "\u2264": "\\le ", "\u2265": "\\ge ", "\u2260": "\\ne ", "\u00b0": "^\\circ "}
+
+
+def latex_of(answer):
+    """A gold answer with the unicode math a grader does not read written as LaTeX: vulgar fractions (\u00bd ->
+    \\frac{1}{2}), square roots (\u221a2 -> \\sqrt{2}), superscript digits, and the signs of UNICODE_MATH."""
+    import unicodedata
+    out = []
+    for ch in answer:
+        if unicodedata.name(ch, "").startswith("VULGAR FRACTION"):  # NFKC: 1/2 with a fraction slash
+            num, den = unicodedata.normalize("NFKC", ch).split("\u2044")
+            out.append(f"{'+' if out and out[-1][-1:].isdigit() else ''}\\frac{{{num or 1}}}{{{den}}}")
+        elif unicodedata.name(ch, "").startswith("SUPERSCRIPT") and unicodedata.normalize("NFKC", ch).isdigit():
+            out.append(f"^{{{unicodedata.normalize('NFKC', ch)}}}")
+        else:
+            out.append(UNICODE_MATH.get(ch, ch))
+    text = re.sub(r"\}\^\{", "", "".join(out))  # x^{1}^{2} -> x^{12}
+    return re.sub(r"\u221a\s*(\d+(?:\.\d+)?|\w|\([^()]*\))", lambda m: f"\\sqrt{{{m.group(1).strip('()')}}}", text).strip()
 
 
 def answer_or_none(answer_of, row):
@@ -212,8 +257,8 @@ def training_problems(name):
     """Training rows; MATH (train + test = 12,500) without the 500 problems of MATH500, which we evaluate on."""
     rows = load_problems(name, "train")
     if name == "DigitalLearningGmbH/MATH-lighteval":
-        held_out = {r["problem"].strip() for r in load_problems(MATH500_ID, "test")}
-        kept = [r for r in rows if r["problem"].strip() not in held_out]
+        held_out = {problem_key(r["problem"]) for r in load_problems(MATH500_ID, "test")}
+        kept = [r for r in rows if problem_key(r["problem"]) not in held_out]
         print(f"training set: {len(rows)} MATH problems, {len(rows) - len(kept)} of MATH500 left out -> {len(kept)}")
         rows = kept
     return rows
@@ -246,12 +291,22 @@ def save_checkpoint(modules, optims, tokenizer, args, iteration, plan=None):
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # keyed by names: loads into any world size
     optimizers = {n: get_optimizer_state_dict(modules[n], opt, options=whole) for n, (opt, sched) in optims.items()}
     final = os.path.join(args.output_dir, f"checkpoint-{iteration}")
-    if rank() != 0:
-        dist.barrier()  # wait until rank 0 has written it
-        return final
+    failure = write_checkpoint(final, weights, optimizers, modules, optims, tokenizer, args, iteration, plan) \
+        if rank() == 0 else None
+    if dist.is_initialized():  # every rank learns how the save went: all go on, or all stop with rank 0's line
+        status = [failure]
+        dist.broadcast_object_list(status, src=0)
+        failure = status[0]
+    if failure:
+        raise Stopped(failure)
+    return final
+
+
+def write_checkpoint(final, weights, optimizers, modules, optims, tokenizer, args, iteration, plan):
+    """Rank 0's part of save_checkpoint -> None, or the one line that says why the checkpoint could not be written."""
     for name, sd in weights.items():  # NaN weights never reach a checkpoint
         if not all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()):
-            raise RuntimeError(f"the {name} model has non-finite weights at iteration {iteration}: not saved")
+            return f"the {name} model has non-finite weights at iteration {iteration}: not saved"
     tmp = final + ".tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -274,15 +329,12 @@ def save_checkpoint(modules, optims, tokenizer, args, iteration, plan=None):
         if not isinstance(e, Exception):
             raise
         free = shutil.disk_usage(args.output_dir).free / 2**20
-        raise Stopped(f"saving {final} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
-                      f"{free:.0f} MB are free there{' (the disk is full)' if free < 64 else ''}. The checkpoints "
-                      "before it are whole: free some space (--keep_checkpoints K needs room for K + 1) and continue "
-                      "with --resume") from None
+        return (f"saving {final} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); {free:.0f} MB "
+                f"are free there{' (the disk is full)' if free < 64 else ''}. The checkpoints before it are whole: free "
+                "some space (--keep_checkpoints K needs room for K + 1) and continue with --resume")
     for old in checkpoints_in(args.output_dir)[:-args.keep_checkpoints] if args.keep_checkpoints else []:
         shutil.rmtree(old)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
+    return None
 
 
 def lm_of(module):
@@ -334,9 +386,8 @@ def find_checkpoint(path):
 
 
 def checkpoint_problem(ckpt):
-    """What a checkpoint lacks, or None when it is whole: trainer_state.pt, args.json, and for each model it saved
-    config.json and weights whose safetensors headers cover their files (a file cut short fails here)."""
-    from safetensors import safe_open
+    """What a checkpoint lacks, or None when it is whole: trainer_state.pt, args.json, and each model it saved whole
+    (model_problem)."""
     for need in ["trainer_state.pt", "args.json"]:
         if not os.path.exists(os.path.join(ckpt, need)):
             return f"no {need}"
@@ -347,16 +398,25 @@ def checkpoint_problem(ckpt):
     if algo not in ("codistill", "kdrl", "grpo"):
         return f"its args.json names an unknown --algo {str(algo)[:40]!r}"
     for name in {"codistill": ["small", "large"], "kdrl": ["small"], "grpo": ["policy"]}[algo]:
-        folder = os.path.join(ckpt, name)
-        weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")] if os.path.isdir(folder) else []
-        if not os.path.exists(os.path.join(folder, "config.json")) or not weights:
-            return f"no {name} model (config.json and *.safetensors)"
-        for w in weights:
-            try:
-                with safe_open(os.path.join(folder, w), "pt"):
-                    pass
-            except Exception as e:  # safetensors raises its own error type for a damaged file
-                return f"{name}/{w} is damaged ({str(e)[:80]})"
+        problem = model_problem(os.path.join(ckpt, name))
+        if problem:  # 'no small model (...)', 'large/model.safetensors is damaged (...)'
+            return problem.replace("no model", f"no {name} model") if problem.startswith("no ") else f"{name}/{problem}"
+    return None
+
+
+def model_problem(folder):
+    """What a model folder lacks, or None when it looks whole: config.json, and weights whose safetensors headers cover
+    their files (a file cut short fails here) -> 'no model (config.json and *.safetensors)' or 'FILE is damaged (...)'."""
+    from safetensors import safe_open
+    weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")] if os.path.isdir(folder) else []
+    if not os.path.exists(os.path.join(folder, "config.json")) or not weights:
+        return "no model (config.json and *.safetensors)"
+    for w in sorted(weights):
+        try:
+            with safe_open(os.path.join(folder, w), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            return f"{w} is damaged ({str(e)[:80]})"
     return None
 
 
@@ -368,6 +428,10 @@ def load_trainer_state(ckpt, names):
         raise BadInput(f"--resume {ckpt}: trainer_state.pt cannot be read ({type(e).__name__}: {str(e)[:150]})")
     if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
         raise BadInput(f"--resume {ckpt}: trainer_state.pt holds no iteration")
+    named = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(ckpt)))
+    if named and int(named.group(1)) != state["iteration"]:  # a file copied from another checkpoint
+        raise BadInput(f"--resume {ckpt}: its trainer_state.pt is iteration {state['iteration']}'s, not "
+                       f"{named.group(1)}'s: the folder holds another checkpoint's state")
     for n in names:
         if n not in state.get("optimizers", {}) or n not in state.get("schedulers", {}):
             raise BadInput(f"--resume {ckpt}: the {n} model's optimizer state is missing")
@@ -464,6 +528,19 @@ def supersede(run_dir, iteration):
           f"and the run's files as they were are moved to {aside}")
 
 
+LOCK = {}  # the run folder's lock file, while one_run_at_a_time holds it
+
+
+def lock_not_inherited():
+    """In a process forked during a run (the grading worker): close its copy of the run's lock file, so that the lock
+    goes with the trainer when it dies (a restarted torchrun worker takes it at once), not with the worker."""
+    if "file" in LOCK:
+        LOCK.pop("file").close()
+
+
+os.register_at_fork(after_in_child=lock_not_inherited)
+
+
 @contextmanager
 def one_run_at_a_time(folder):
     """Rank 0 holds an exclusive lock on folder/.lock while the run lasts (the system frees it when the process ends,
@@ -483,9 +560,11 @@ def one_run_at_a_time(folder):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise BadInput(f"--output_dir {folder}: another run is writing there right now") from None
+        LOCK["file"] = f
         try:
             yield
-        finally:  # the grading worker, forked during the run, holds this file too: unlock it for both
+        finally:
+            LOCK.pop("file", None)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -188,3 +188,37 @@ def test_prompts_that_are_cut_are_counted_before_any_model_loads(world, tmp_path
     with pytest.raises(AssertionError, match="a model was loaded"):  # no_models: it stops where the models load
         cg.main(tiny_argv(world, tmp_path / "b", "--dataset", str(data)))
     assert "warning: 3 of 8 prompts are longer than --max_prompt_length 64" in capsys.readouterr().out
+
+
+def test_a_dataset_with_a_byte_order_mark_is_read(tmp_path):
+    """Some editors begin UTF-8 files with a byte-order mark: a JSONL or JSON file with one loads as without."""
+    rows = [{"problem": "What is 1 + 1", "answer": "2"}]
+    for name, text in [("bom.jsonl", json.dumps(rows[0]) + "\n"), ("bom.json", json.dumps(rows))]:
+        assert cg.load_problems(write(tmp_path, name, b"\xef\xbb\xbf" + text.encode())) == rows
+
+
+def test_a_problem_twice_with_different_answers_and_unicode_answers_are_said(tmp_path, capsys):
+    """The same problem with two answers (whatever the whitespace) trains both: a warning says so. Unicode math in an
+    answer is written as LaTeX the grader reads (1/2 as a vulgar fraction would never match \\\\frac{1}{2}); what is
+    left that it may not read is named."""
+    path = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in [
+        {"problem": "What is 1 + 1", "answer": "2"}, {"problem": "What is  1 +\t1", "answer": "3"},
+        {"problem": "Half of one", "answer": "\u00bd"}, {"problem": "Root of two", "answer": "\u221a2"},
+        {"problem": "Where", "answer": "caf\u00e9"}]))
+    rows = cg.load_problems(path)
+    out = capsys.readouterr().out
+    assert "1 problem(s) appear with different answers (e.g. 'What is 1 + 1': '2' and '3')" in out
+    assert [r["answer"] for r in rows[2:4]] == ["\\frac{1}{2}", "\\sqrt{2}"]
+    assert cg.accuracy_reward("\\boxed{\\frac{1}{2}}", rows[2]["answer"], "boxed") == 1.0
+    assert cg.accuracy_reward("\\boxed{0.5}", rows[2]["answer"], "boxed") == 1.0
+    assert "1 answer(s) hold characters the grader may not read (e.g. 'caf\u00e9')" in out
+
+
+def test_held_out_problems_written_with_other_whitespace_are_never_trained_on(world, tmp_path, capsys, no_models):
+    held_out = [json.loads(l) for l in open(world["test"])][:2]
+    train = [dict(r, problem="  " + r["problem"].replace(" ", "\t ") + "\n") for r in held_out]
+    train += [json.loads(l) for l in open(world["train"])][:6]
+    data = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in train))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # no_models: it stops where the models load
+        cg.main(tiny_argv(world, tmp_path / "run", "--dataset", data, "--eval_size", "10"))
+    assert "note: 2 problems of --dataset are also in --eval_dataset and are left out" in capsys.readouterr().out

@@ -154,10 +154,6 @@ def test_a_two_process_run_resumes_in_one_process(based, tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1, 2] and (out / "checkpoint-2" / "small").exists()
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["distributed-worker"]:  # started by torchrun, see torchrun()
-    distributed_worker(*sys.argv[2:])
-
-
 @pytest.mark.slow
 def test_a_resume_with_another_number_of_processes_keeps_the_global_batch_and_the_data(based, tmp_path):
     """2 processes x B = 1, stopped after iteration 2 and resumed in 1 process: B becomes 2 (the global batch kept,
@@ -188,3 +184,164 @@ def test_a_resume_with_another_number_of_processes_keeps_the_global_batch_and_th
     assert row0["small/test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1e-12)
     p = torchrun("codistill_grpo.py", "--output_dir", str(split), "--resume", "--max_steps", "5", nproc=3)
     assert p.returncode != 0 and "3 processes cannot share equally" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults and restarts under torchrun (two CPU processes on gloo; the two-node command as two launchers)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*argv, nproc=2, extra=(), log=None):
+    """torchrun in the background, its output into a file -> (Popen, the file)."""
+    out = open(log, "w+")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *extra, f"--nproc_per_node={nproc}", *argv],
+                         cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return p, out
+
+
+def workers_of(launcher):
+    """{rank: pid} of a torchrun launcher's worker processes (its children running codistill_grpo.py)."""
+    out = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-A"], capture_output=True, text=True).stdout
+    pids = [int(line.split()[0]) for line in out.splitlines()
+            if int(line.split()[1]) == launcher and "codistill_grpo.py" in line]
+    environ = lambda pid: dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+    return {int(environ(pid)["RANK"]): pid for pid in pids}
+
+
+def wait_for(condition, what, seconds=300):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.2)
+
+
+def text_of(out):
+    out.seek(0)
+    return out.read()
+
+
+@pytest.mark.slow
+def test_ranks_started_with_different_flags_stop_before_any_work(world, tmp_path):
+    """The README's two-node command as two launchers on one machine, the second given other flags: both stop with
+    status 2 before loading anything, and one line names every flag the ranks disagree on."""
+    port, out = free_port(), tmp_path / "run"
+    common = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
+    nodes = [launch("codistill_grpo.py", *tiny_argv(world, out, *flags), nproc=1, log=tmp_path / f"node{i}.log",
+                    extra=[*common, f"--node_rank={i}"])
+             for i, flags in enumerate([[], ["--lr_small", "0.5", "--seed", "7", "--max_steps", "3"]])]
+    for p, _ in nodes:
+        p.wait(timeout=300)
+    logs = [text_of(f) for _, f in nodes]
+    assert all(p.returncode != 0 for p, _ in nodes) and 'codistill_grpo.py", line' not in "".join(logs), logs
+    line = [l for log in logs for l in log.splitlines() if l.startswith("error: the ranks were started with")]
+    assert line and all(f"--{k} (rank 0: {a}, rank 1: {b})" in line[0]
+                        for k, a, b in [("lr_small", "0.0001", "0.5"), ("seed", "0", "7"), ("max_steps", "2", "3")])
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_process_group_that_cannot_form_says_why_at_once(world, tmp_path):
+    """A port already taken: the rank stops within seconds and names the cause, not a timeout it never waited."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(taken.getsockname()[1]))
+        t = time.time()
+        p = subprocess.run([sys.executable, os.path.join(HERE, "codistill_grpo.py"), *tiny_argv(world, tmp_path),
+                            "--dist_timeout", "600"], capture_output=True, text=True, env=env, timeout=300)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and time.time() - t < 120 and "could not form after" in last and "in use" in last, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_rank_that_hangs_or_dies_is_named_with_the_checkpoint_to_resume_from(based, tmp_path, victim):
+    """One rank stopped (SIGSTOP: it hangs) or killed: the other stops after --dist_timeout (or at once) with one
+    line, its rank, and the newest checkpoint to resume from, whichever rank it is."""
+    import signal
+    out = tmp_path / "run"
+    p, log = launch("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--max_steps", "200",
+                                                     "--save_every", "1", "--eval_size", "0", "--dist_timeout", "20"),
+                    log=tmp_path / "run.log")
+    wait_for(lambda: (out / "checkpoint-2").exists(), "checkpoint-2")
+    pids = workers_of(p.pid)
+    assert sorted(pids) == [0, 1]
+    os.kill(pids[victim], signal.SIGSTOP if victim == 1 else signal.SIGKILL)
+    p.wait(timeout=300)
+    text = text_of(log)
+    survivor = 1 - victim  # it loses the other in a collective, or torchrun stops it first (SIGTERM)
+    lines = [l for l in text.splitlines() if f"rank {survivor} of 2" in l and "newest checkpoint" in l]
+    assert lines and "--resume" in lines[0], text[-3000:]
+    assert 'codistill_grpo.py", line' not in text, text[-3000:]  # no traceback of ours (torchrun prints its own)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_rank_and_the_run_goes_on_from_its_checkpoint(based, tmp_path):
+    """torchrun --max-restarts 1 with --resume auto: a rank killed mid-run, both workers restart, resume from the
+    newest checkpoint, and the run ends whole."""
+    import signal
+    out = tmp_path / "run"
+    p, log = launch("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--max_steps", "6",
+                                                     "--save_every", "2", "--eval_size", "0", "--resume", "auto"),
+                    extra=["--max-restarts=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}"],
+                    log=tmp_path / "run.log")
+    wait_for(lambda: (out / "checkpoint-2").exists(), "checkpoint-2")
+    os.kill(workers_of(p.pid)[1], signal.SIGKILL)
+    assert p.wait(timeout=600) == 0, text_of(log)[-3000:]
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == list(range(7)) and (out / "checkpoint-6").exists()
+    assert len([json.loads(l) for l in open(out / "resumes.jsonl")]) == 1
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_ends_its_ranks(based, tmp_path):
+    """kill -9 of torchrun: its ranks end within seconds (Linux sends each SIGTERM), and free the run folder."""
+    import signal
+    out = tmp_path / "run"
+    p, log = launch("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--max_steps", "500",
+                                                     "--save_every", "1", "--eval_size", "0"), log=tmp_path / "run.log")
+    wait_for(lambda: (out / "checkpoint-1").exists(), "checkpoint-1")
+    pids = list(workers_of(p.pid).values())
+    assert len(pids) == 2
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                             for pid in pids), "end of the orphaned ranks", seconds=60)
+    cg.main(["--output_dir", str(out), "--resume", "--max_steps", "3"])  # the folder is free again
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_under_fsdp_stops_every_rank_with_one_line(based, tmp_path):
+    out = tmp_path / "run"
+    p = torchrun(__file__, "failing-save", *based_argv(based, out, "--batch_size", "1", "--fsdp", "--max_steps", "3",
+                                                       "--save_every", "1", "--eval_size", "0"))
+    assert p.returncode != 0 and 'codistill_grpo.py", line' not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    errors = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("error: saving")]
+    assert len(errors) == 1 and "--resume" in errors[0]
+    assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def failing_save(*argv):
+    """Run under torchrun by the test above: the trainer, with rank 0's disk full when it writes checkpoint-2."""
+    real = torch.save
+
+    def full(obj, path, *a, **k):
+        if "checkpoint-2" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 320 vs 256")
+        return real(obj, path, *a, **k)
+    torch.save = full
+    cg.main(list(argv))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["distributed-worker"]:  # started by torchrun, see torchrun()
+    distributed_worker(*sys.argv[2:])
+if __name__ == "__main__" and sys.argv[1:2] == ["failing-save"]:
+    failing_save(*sys.argv[2:])

@@ -1,5 +1,6 @@
 """eval.py: the table's arithmetic by hand, benchmarks, scoring checkpoints, summaries and plots of training runs."""
 import json
+import shutil
 import math
 import os
 import subprocess
@@ -323,3 +324,17 @@ def test_a_repeated_seed_is_refused_and_the_global_batch_groups_runs(tmp_path, c
     doubled = run("doubled/4", 4, batch_size=4, processes=1)
     groups = ev.group_runs([ev.load_run(d) for d in [a, b, two, doubled]])
     assert [len(g) for _, g in groups] == [2, 2]  # {a, b} and {2 x 2, 1 x 4}
+
+
+def test_a_damaged_checkpoint_is_named_before_anything_is_scored(world, tmp_path, capsys, monkeypatch):
+    """A damaged second model stops eval.py before it scores the first (an hour's work on a real benchmark), with one
+    message, not one nested in another."""
+    broken = tmp_path / "broken"
+    shutil.copytree(world["large"], broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    scored = []
+    monkeypatch.setattr(ev, "score_model", lambda *args: scored.append(args) or [])
+    message = exit_2([world["small"], str(broken), "--benchmarks", world["test"], "--limit", "2"], capsys, ev.main)
+    assert f"model {broken}: model.safetensors is damaged" in message and message.count("model ") == 1, message
+    assert scored == []

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import codistill_grpo as cg
+import trainer_io
 from conftest import (HERE, based_argv, edit_json, exit_2, flat_params, rows_without_timings, snapshot, tiny_argv,
                       truncate, write_jsonl)
 
@@ -59,6 +60,7 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resume_uses_it(
 import os, signal, sys
 sys.path.insert(0, {HERE!r})
 import codistill_grpo as cg
+import trainer_io
 real_replace = os.replace
 def replace(src, dst):
     if str(dst).endswith("checkpoint-2"):  # killed after writing checkpoint-2 aside, before renaming it in place
@@ -95,7 +97,7 @@ def test_nan_weights_never_reach_a_checkpoint(world, tiny, tmp_path):
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("nan")
     a = cg.Args(output_dir=str(tmp_path))
-    with pytest.raises(RuntimeError, match="non-finite"):
+    with pytest.raises(trainer_io.Stopped, match="non-finite"):
         cg.save_checkpoint({"small": cg.TokenLogprobs(model)}, {}, tok, a, 1)
     assert not (tmp_path / "checkpoint-1").exists()
 
@@ -429,3 +431,38 @@ def test_run_files_that_cannot_be_written_are_named_in_one_line(finished_run, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and err[-1].startswith("error: cannot write") and "latest" in err[-1]
     assert not list(finished_run.glob("*.tmp"))
+
+
+def test_a_checkpoint_holding_another_ones_state_is_refused_before_anything_moves(finished_run, capsys):
+    """checkpoint-2/ with checkpoint-1's trainer_state.pt: the state's iteration is not the folder's, so --resume stops
+    with one line before it moves, cuts or rewrites anything (it used to supersede the folder itself)."""
+    shutil.copy(finished_run / "checkpoint-1" / "trainer_state.pt", finished_run / "checkpoint-2" / "trainer_state.pt")
+    before = snapshot(finished_run)
+    for argv in (["--resume", "--output_dir", str(finished_run)], ["--resume", str(finished_run / "checkpoint-2")]):
+        assert "its trainer_state.pt is iteration 1's, not 2's" in exit_2(argv + ["--max_steps", "3"], capsys)
+        assert snapshot(finished_run) == before
+
+
+def test_resume_auto_starts_a_run_then_goes_on_from_its_newest_checkpoint(world, tmp_path, capsys):
+    """--resume auto (for torchrun --max-restarts): the same command starts a run, goes on from its newest checkpoint
+    after a stop, replaces a first attempt that stopped before any checkpoint, and never takes another run's folder."""
+    out = tmp_path / "run"
+    argv = tiny_argv(world, out, "--eval_size", "0", "--save_every", "1", "--resume", "auto")
+    cg.main(argv)  # nothing there: a fresh start
+    assert [r["iteration"] for r in rows_without_timings(out / "metrics.jsonl")] == [0, 1, 2]
+    cg.main(argv[:-2] + ["--max_steps", "3", "--resume", "auto"])  # again, longer: from checkpoint-2
+    assert [r["iteration"] for r in rows_without_timings(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    [resume] = [json.loads(l) for l in open(out / "resumes.jsonl")]
+    assert resume["iteration"] == 2
+    first_attempt = tmp_path / "early"
+    cg.main(tiny_argv(world, first_attempt, "--eval_size", "0", "--max_steps", "1"))
+    shutil.rmtree(first_attempt / "checkpoint-1")  # as if killed before its first checkpoint
+    cg.main(tiny_argv(world, first_attempt, "--eval_size", "0", "--max_steps", "1", "--resume", "auto"))
+    assert (first_attempt / "checkpoint-1").exists()
+    other = tmp_path / "other"
+    cg.main(tiny_argv(world, other, "--eval_size", "0", "--max_steps", "1", "--seed", "3"))
+    shutil.rmtree(other / "checkpoint-1")
+    before = snapshot(other)
+    assert "holds another run (its seed differ)" in exit_2(
+        tiny_argv(world, other, "--eval_size", "0", "--max_steps", "1", "--resume", "auto"), capsys)
+    assert snapshot(other) == before

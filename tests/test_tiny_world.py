@@ -1,5 +1,6 @@
 """The tiny world: its problems, its warm-up and fixed point, its cache."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,7 +63,7 @@ def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch)
     monkeypatch.setattr(tiny_world, "warmup", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         tiny_world.build(str(tmp_path), cg.TEMPLATES, seed=0, steps=dict(small=2, large=2))
-    assert os.listdir(tmp_path) == []
+    assert [f for f in os.listdir(tmp_path) if not f.endswith(".lock")] == []  # the lock file of its build stays
 
 
 def test_a_killed_build_is_cleaned_up_and_a_damaged_world_built_again(tmp_path, capsys):
@@ -73,7 +74,7 @@ def test_a_killed_build_is_cleaned_up_and_a_damaged_world_built_again(tmp_path, 
     (tmp_path / f"tiny-0123456789.tmp{dead.pid}").mkdir()
     (tmp_path / f"tiny-0123456789.tmp{os.getpid()}").mkdir()  # a live process's build stays
     paths = tiny_world.build(str(tmp_path), cg.TEMPLATES, seed=0, steps=dict(small=0, large=0))
-    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(os.path.dirname(paths["small"])),
+    assert sorted(f for f in os.listdir(tmp_path) if not f.endswith(".lock")) == sorted([os.path.basename(os.path.dirname(paths["small"])),
                                                    f"tiny-0123456789.tmp{os.getpid()}"])
     weights = os.path.join(paths["large"], "model.safetensors")
     with open(weights, "r+b") as f:
@@ -116,3 +117,30 @@ def test_the_tiny_world_does_not_import_the_trainer():
     check = "import sys, tiny_world; assert 'codistill_grpo' not in sys.modules, 'tiny_world imports the trainer'"
     p = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=HERE)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_a_full_or_unwritable_cache_is_named_with_the_room_a_world_needs(tmp_path, capsys, monkeypatch):
+    """--cache_dir on a full disk (or one that cannot be written): one line saying how much room a world needs, before
+    the minutes of its warm-up, not a traceback after them."""
+    from conftest import exit_2
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2**20))
+    argv = ["--preset", "tiny", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run")]
+    message = exit_2(argv, capsys)
+    assert "--cache_dir" in message and "cannot be built there" in message and "about 5 MB free (1 MB are)" in message
+    assert not [f for f in os.listdir(tmp_path / "cache") if not f.endswith(".lock")]
+
+
+def test_two_processes_building_one_world_build_it_once(tmp_path):
+    """Two trainers starting at once on an empty cache: one builds the world, the other waits for it and loads it
+    whole (each used to build a full copy, and one could remove the world the other was loading)."""
+    script = (f"import sys; sys.path.insert(0, {HERE!r}); import codistill_grpo as cg, tiny_world; "
+              f"print(tiny_world.build({str(tmp_path)!r}, cg.TEMPLATES, seed=0, steps=dict(small=60, large=60)))")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sum("building the tiny offline world" in o for o in outputs) == 1, outputs
+    assert sum("another process is building" in o for o in outputs) == 1, outputs
+    paths = tiny_world.build(str(tmp_path), cg.TEMPLATES, seed=0, steps=dict(small=60, large=60))
+    assert tiny_world.damaged(paths) is None and outputs[0].splitlines()[-1] == outputs[1].splitlines()[-1]
