@@ -285,20 +285,22 @@ def test_a_rank_that_hangs_or_dies_is_named_with_the_checkpoint_to_resume_from(b
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank_and_the_run_goes_on_from_its_checkpoint(based, tmp_path):
-    """torchrun --max-restarts 1 with --resume auto: a rank killed mid-run, both workers restart, resume from the
-    newest checkpoint, and the run ends whole."""
+    """torchrun --max-restarts 3 with --resume auto: a rank killed mid-run, both workers restart, resume from the
+    newest checkpoint, and the run ends whole. (On gloo a restarted group fails to form now and then, 'Connection
+    refused' from a stale peer: another restart takes it, so the README suggests a few.)"""
     import signal
     out = tmp_path / "run"
     p, log = launch("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--max_steps", "6",
                                                      "--save_every", "2", "--eval_size", "0", "--resume", "auto"),
-                    extra=["--max-restarts=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}"],
+                    extra=["--max-restarts=3", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}"],
                     log=tmp_path / "run.log")
     wait_for(lambda: (out / "checkpoint-2").exists(), "checkpoint-2")
     os.kill(workers_of(p.pid)[1], signal.SIGKILL)
     assert p.wait(timeout=600) == 0, text_of(log)[-3000:]
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["iteration"] for r in rows] == list(range(7)) and (out / "checkpoint-6").exists()
-    assert len([json.loads(l) for l in open(out / "resumes.jsonl")]) == 1
+    resumes = [json.loads(l) for l in open(out / "resumes.jsonl")]
+    assert resumes and all(r["iteration"] >= 2 for r in resumes)
 
 
 @pytest.mark.slow
