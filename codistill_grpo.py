@@ -1251,11 +1251,7 @@ def setup(args):
     names = {"small": args.small_model, "large": args.large_model}
     if state:  # the trained models continue from the checkpoint; a frozen one comes from where it came from
         names.update({n: os.path.join(args.resume, prefix[n]) for n in trained})
-    tokenizer = load_tokenizer(names[needs[0]])
-    if len(needs) == 2:
-        check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
-    if args.chat_template:
-        end_of_turn_id(tokenizer)  # a tokenizer without a chat template fails here, before any model is loaded
+    tokenizer = load_tokenizers(args, names, needs)
     cut = {"prompts_cut/train": float(prompts_cut(tokenizer, train_rows, args)),
            "prompts_cut/held_out": float(prompts_cut(tokenizer, eval_rows, args))}
     kept_rows = rows_to_keep(args, state["iteration"]) if state else None
@@ -1265,39 +1261,64 @@ def setup(args):
     old_run = check_output_dir(args, resuming=state is not None)  # every rank checks (and fails alike)
     torch.manual_seed(args.seed)
     dtype = compute_dtype(args.dtype, device.type)  # weights and AdamW states stay fp32
-    lms = {n: load_model(names[n], torch.float32, device, args.gradient_checkpointing) for n in needs}
-    modules = {n: parallelize(lms[n], args, n in trained, dtype) for n in needs}
-    samplers = {n: new_sampler(lms[n], dtype, fsdp) for n in needs}
-    models = {n: Model(n, prefix[n], lms[n], modules[n], n in trained, samplers[n], stale=samplers[n] is not lms[n])
-              for n in needs}
+    models = load_models(args, names, needs, trained, prefix, device, dtype, fsdp, planned_steps, state)
     for path in old_run if rank() == 0 else []:  # --overwrite: only now, with every input loaded; one rank deletes
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    check_room(args, sum(p.numel() for n in trained for p in lms[n].parameters()))
+    check_room(args, sum(p.numel() for m in models.values() if m.trained for p in m.lm.parameters()))
     if dist.is_initialized():
         dist.barrier()
-    for m in models.values():
-        if m.trained:
-            m.optimizer, m.scheduler = make_optimizer(m.module, args.lr_small if m.name == "small" else args.lr_large,
-                                                      args, planned_steps)
-            if state:
-                restore_optimizer(m, state, args, fsdp)
     start = state["iteration"] + 1 if state else 1
     metrics_file, rollouts_file, report = open_outputs(args, state, kept_rows, start)
     run = Run(args, device, fsdp, train_rows, eval_rows, data_hash, tokenizer, cut, total_steps, planned_steps,
               int(args.hint_share * planned_steps), start, dtype, models,
-              eos_ids_of(tokenizer, *lms.values(), chat=args.chat_template), tokenizer.pad_token_id,
-              metrics_file, rollouts_file, report, GRADER["timeouts"])
+              eos_ids_of(tokenizer, *(m.lm for m in models.values()), chat=args.chat_template),
+              tokenizer.pad_token_id, metrics_file, rollouts_file, report, GRADER["timeouts"])
+    announce(run)
+    return run
+
+
+def load_tokenizers(args, names, needs):
+    """The models' tokenizer, checked before any model is loaded: both models tokenize alike, and with
+    --chat_template the tokenizer has one."""
+    tokenizer = load_tokenizer(names[needs[0]])
+    if len(needs) == 2:
+        check_same_tokens(tokenizer, load_tokenizer(names["large"]), names["small"], names["large"])
+    if args.chat_template:
+        end_of_turn_id(tokenizer)
+    return tokenizer
+
+
+def load_models(args, names, needs, trained, prefix, device, dtype, fsdp, planned_steps, state):
+    """Each model as the run holds it (Model): fp32 master weights, its log-prob module (wrapped for DDP / FSDP2), its
+    sampler, and for a trained one AdamW and its schedule, a checkpoint's states restored (BadInput when they do not
+    fit: before the caller deletes anything)."""
+    models = {}
+    for n in needs:
+        lm = load_model(names[n], torch.float32, device, args.gradient_checkpointing)
+        module = parallelize(lm, args, n in trained, dtype)
+        sampler = new_sampler(lm, dtype, fsdp)
+        models[n] = m = Model(n, prefix[n], lm, module, n in trained, sampler, stale=sampler is not lm)
+        if m.trained:
+            m.optimizer, m.scheduler = make_optimizer(module, args.lr_small if n == "small" else args.lr_large, args,
+                                                      planned_steps)
+            if state:
+                restore_optimizer(m, state, args, fsdp)
+    return models
+
+
+def announce(run):
+    """What the run is about to do, in a line or two (rank 0)."""
+    args, planned_steps, total_steps, start = run.args, run.planned_steps, run.total_steps, run.start
     if args.hint_tokens:  # the paper's first epoch only when --hint_share is 1/--epochs and --max_steps is unset
         print0(f"hints (T = {args.hint_tokens}) in iterations 1..{run.hint_iterations}: --hint_share "
                f"{args.hint_share:g} of the {planned_steps} planned; an epoch is "
-               f"{len(train_rows) // (args.batch_size * world())} iteration(s)")
+               f"{len(run.train_rows) // (args.batch_size * world())} iteration(s)")
     if start > total_steps:  # a finished run resumed as it was
         print0(f"nothing to do: {args.output_dir} has its {total_steps} iterations (a larger --max_steps goes on)")
     else:
-        print0(f"algo {args.algo}: training {', '.join(trained)} for iterations {start}..{total_steps} "
-               f"({len(train_rows)} problems, {world()} rank(s) x B={args.batch_size}, M={args.num_samples}, "
-               f"G={args.group_size}{', FSDP2' if fsdp else ''}) -> {args.output_dir}")
-    return run
+        print0(f"algo {args.algo}: training {', '.join(run.trained)} for iterations {start}..{total_steps} "
+               f"({len(run.train_rows)} problems, {world()} rank(s) x B={args.batch_size}, M={args.num_samples}, "
+               f"G={args.group_size}{', FSDP2' if run.fsdp else ''}) -> {args.output_dir}")
 
 
 def tiny_fields(args):
