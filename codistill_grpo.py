@@ -666,8 +666,11 @@ def grade_rollouts(run, rollouts, batch):
     args, M = run.args, run.args.num_samples
     texts = decode(run.tokenizer, rollouts["comp"], rollouts["mask"])
     pending = grade_batch(texts, [row["answer"] for row in batch for _ in range(M)], args.template, args.grade_timeout)
-    return texts, lambda: tuple(torch.tensor(x, device=run.device) for x in (pending(), format_rewards(texts,
-                                                                                                       args.template)))
+
+    def rewards():
+        return (torch.tensor(pending(), device=run.device),
+                torch.tensor(format_rewards(texts, args.template), device=run.device))
+    return texts, rewards
 
 
 def kept_rows(kept, M):
