@@ -9,7 +9,7 @@ Equation numbers in comments, `# Eq. (N)`, are the paper's. One iteration, per r
     3. score: log pi_phi_old and log pi_theta_old of every completion token, no grad
     4. KD reward r~ = r + alpha * (1/N) sum_t (log pi_theta_old - log pi_phi_old)      Eq. (6)
        and downsampling: keep the G/2 highest and the G/2 lowest r~ of the M          Sec. 3.3
-    5. advantages over the kept G: A~ = r~ - mean(r~) (small), A = (r - mean r) / std r (large)   Eq. (7), (3)
+    5. advantages over the kept G: A~ = r~ - mean(r~) (small), A = (r - mean r) / (std r + 1e-4)  Eq. (7), (3)
     6. small step: clipped ratio pi_phi / pi_phi_old with A~, sum over tokens / N      Eq. (5)
     7. large step: clipped ratio pi_theta / pi_phi_old with A, sum over tokens / N     Eq. (10)
 and around it the loop (train): held-out accuracy when due, a row of metrics.jsonl, a checkpoint when due.
@@ -516,8 +516,9 @@ def loss_norm(args):
 def make_optimizer(model, lr, args, total_steps):
     """AdamW and its schedule over the run's planned length, total_steps (Table 3): linear warm-up, then constant or
     cosine to 0 at the planned end (a resumed run that goes on past it keeps the schedule's last value). On a GPU the
-    fused step, which allocates no temporaries the size of the weights (the default foreach step peaks at 4 bytes
-    per parameter more: bench.py); on CPU the foreach step, so that the tiny world's numbers stay what they were."""
+    fused step, which allocates no temporaries the size of the weights (torch's default there, the foreach step,
+    peaks at 4 bytes per parameter more: bench.py); on CPU torch's default (the for-loop step), so that the tiny
+    world's numbers stay what they were."""
     fused = next(model.parameters()).device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=fused or None)
     warmup = int(args.warmup_ratio * total_steps)
@@ -580,9 +581,10 @@ class Iteration:
     logp_old: dict  # model -> (B*M, L) log pi_old, no grad (step 3; none for grpo, whose pi_old is itself)
     entropy: dict  # model -> mean entropy per completion token of pi_old
     kd: torch.Tensor  # (B*M,) the KD term (grpo: zeros)
-    r_kd: torch.Tensor  # (B*M,) r~ = r + alpha * kd, which downsampling ranks (grpo: r)
+    r_kd: torch.Tensor  # (B*M,) r~ = r + alpha * kd, which downsampling ranks unless the KD form says not (grpo: r)
     kept: torch.Tensor  # (B*G,) indices into the B*M of the rollouts kept
-    A_kd: torch.Tensor  # (B*G,) A~, Eq. (7), before any per-token term (grpo: A)
+    A_kd: torch.Tensor  # (B*G,) A~ before any per-token term: r~ centred (Eq. 7), or r when the KD form keeps the KD
+    #                     term out of it (loss, token, rank_only); grpo: A
     A: torch.Tensor  # (B*G,) A, Eq. (3)
     steps: dict  # model -> Step
     times: dict  # phase -> seconds
@@ -626,8 +628,10 @@ def codistill_iteration(run, batch, prompts, hints):
     if large.trained:
         own = kept_rollouts["hint"].bool() & (args.large_hint_ratio == "behaviour")  # (B*G, L)
         steps["large"] = take_step(run, large, kept_rollouts, A, logp_small[kept], times, own=own)
-    return Iteration(hints, rollouts, texts, accuracy, fmt, r, dict(small=logp_small, large=logp_large),
-                     dict(small=entropy_small, large=entropy_large), kd, r_kd, kept, A_kd, A, steps, times)
+    return Iteration(hints=hints, rollouts=rollouts, texts=texts, accuracy=accuracy, format=fmt, r=r,
+                     logp_old=dict(small=logp_small, large=logp_large),
+                     entropy=dict(small=entropy_small, large=entropy_large), kd=kd, r_kd=r_kd, kept=kept, A_kd=A_kd,
+                     A=A, steps=steps, times=times)
 
 
 def grpo_iteration(run, batch, prompts, hints):
@@ -653,8 +657,8 @@ def grpo_iteration(run, batch, prompts, hints):
     mask = kept_rollouts["mask"]
     steps = {args.policy: take_step(run, policy, kept_rollouts, A, torch.zeros_like(mask, dtype=torch.float), times,
                                     own=torch.ones_like(mask, dtype=torch.bool))}
-    return Iteration(False, rollouts, texts, accuracy, fmt, r, {}, {}, torch.zeros_like(r), r, kept, A, A, steps,
-                     times)
+    return Iteration(hints=False, rollouts=rollouts, texts=texts, accuracy=accuracy, format=fmt, r=r, logp_old={},
+                     entropy={}, kd=torch.zeros_like(r), r_kd=r, kept=kept, A_kd=A, A=A, steps=steps, times=times)
 
 
 ITERATIONS = {"codistill": codistill_iteration, "kdrl": codistill_iteration, "grpo": grpo_iteration}  # --algo
@@ -680,7 +684,9 @@ def kept_rows(kept, M):
 
 
 def take_step(run, model, rollouts, advantages, logp_old, times, own=None, loss_mask=None, logp_ref=None, beta=0.0):
-    """update() of one model on its optimizer, timed into times['update_<name>'] -> a Step: what it was given."""
+    """update() of one model on its optimizer, timed into times['update_<name>'] -> a Step: what it was given. own
+    (tokens whose pi_old is the model itself) is no token unless given; loss_mask every token of the rollouts' mask
+    unless given; logp_ref is read only when beta > 0 (--kd_form loss)."""
     own = torch.zeros_like(rollouts["mask"], dtype=torch.bool) if own is None else own
     loss_mask = rollouts["mask"] if loss_mask is None else loss_mask
     norm = loss_norm(run.args)
@@ -1156,17 +1162,22 @@ def all_reduce(values, op=dist.ReduceOp.SUM):
 
 def reduce_metrics(metrics):
     """Metrics of the global batch. Ranks hold equal shares, so means are averaged across ranks (per-token means per
-    rank, not per token); maxima and times (the slowest rank) are maxed; throughputs and counts are summed."""
+    rank, not per token); maxima and times (the slowest rank) are maxed; throughputs and counts are summed. A metric
+    some ranks lack (digits right, when a rank's answers hold no integer) is averaged over the ranks that have it:
+    every rank reduces the same keys, in the same order."""
     if not dist.is_initialized():
         return metrics
-    out = dict(metrics)
-    floats = sorted(k for k, v in metrics.items() if isinstance(v, float))
+    everyone = [None] * world()
+    dist.all_gather_object(everyone, sorted(k for k, v in metrics.items() if isinstance(v, float)))
+    floats = sorted(set().union(*everyone))
     maxed = [k for k in floats if k.endswith("_max") or k.startswith("time/")]
     summed = [k for k in floats if k in ("tokens_per_s", "grade_timeouts", "test_grade_timeouts")]
     means = [k for k in floats if k not in maxed + summed]
-    out.update(zip(maxed, all_reduce([metrics[k] for k in maxed], dist.ReduceOp.MAX)))
-    out.update(zip(summed, all_reduce([metrics[k] for k in summed])))
-    out.update({k: v / world() for k, v in zip(means, all_reduce([metrics[k] for k in means]))})
+    out = dict(metrics)
+    out.update(zip(maxed, all_reduce([metrics.get(k, -math.inf) for k in maxed], dist.ReduceOp.MAX)))
+    out.update(zip(summed, all_reduce([metrics.get(k, 0.0) for k in summed])))
+    totals = all_reduce([metrics.get(k, 0.0) for k in means] + [float(k in metrics) for k in means])
+    out.update({k: total / count for k, total, count in zip(means, totals, totals[len(means):])})
     return out
 
 
@@ -1351,15 +1362,16 @@ def keep_the_global_batch(args, state):
     with the same problems in the same order: B per rank becomes the global batch over the processes now (recorded
     in args.json and resumes.jsonl), or BadInput when they do not divide it."""
     before = state.get("processes", world())  # (checkpoints before this was recorded: as now)
-    if before == world():
+    global_batch = state.get("global_batch") or before * saved_args(args.resume)["batch_size"]
+    if global_batch == args.batch_size * world():
         return
-    global_batch = before * args.batch_size
     if global_batch % world():
         raise BadInput(f"--resume {args.resume}: the run's global batch is {global_batch} prompts ({before} processes x "
-                       f"B={args.batch_size}), which {world()} processes cannot share equally: resume with a number of "
-                       "processes that divides it")
+                       f"B={global_batch // before}), which {world()} processes cannot share equally: resume with a "
+                       "number of processes that divides it")
     print0(f"note: the run had {before} process(es), it goes on with {world()}: B = {global_batch // world()} prompts "
-           f"per process (was {args.batch_size}), the same global batch of {global_batch} and the same data order")
+           f"per process (was {global_batch // before}), the same global batch of {global_batch} and the same data "
+           "order")
     args.batch_size = global_batch // world()
 
 
@@ -1455,7 +1467,8 @@ def batch_indices(n_rows, batch_size, seed, iteration, rank=0, world=1):
 
 def next_batch(run, it):
     """This rank's problems of iteration it -> (epoch, rows, their prompts as (B, P) ids and mask). Sampling is seeded
-    by (seed, iteration, rank): a resumed run samples what the straight run would have."""
+    by (seed, iteration, rank): a run resumed with the same number of processes samples what the straight run would
+    have."""
     args = run.args
     epoch, rows = batch_indices(len(run.train_rows), args.batch_size, args.seed, it, rank(), world())
     torch.manual_seed(hash((args.seed, it, rank())) % 2**63)  # (the hash of a tuple of ints is not randomised)
@@ -1548,7 +1561,7 @@ def save(run, it):
     trained = [run.models[n] for n in run.trained]
     save_checkpoint({m.prefix: m.module for m in trained}, {m.prefix: (m.optimizer, m.scheduler) for m in trained},
                     run.tokenizer, run.args, it, dict(planned_steps=run.planned_steps, data=run.data_hash,
-                                                      processes=world()))
+                                                      processes=world(), global_batch=run.args.batch_size * world()))
 
 
 def warn_timeouts(timeouts, answers, what, args):
@@ -1642,8 +1655,10 @@ def parse_args(argv=None):
     if given.get("resume"):
         ckpt = find_checkpoint(output_dir if given["resume"] == "latest" else given["resume"])
         base = saved_args(ckpt)
+        global_batch = base["batch_size"] * read_json_object(os.path.join(ckpt, "args.json")).get("processes", 1)
         changed = [f"--{k} {base[k]!r} -> {v!r}" for k, v in given.items() if k not in RESUMABLE and base.get(k) != v
-                   and not str(v).startswith("tiny:")]  # (a tiny: name is resolved again, to the same world)
+                   and not str(v).startswith("tiny:")  # (a tiny: name is resolved again, to the same world)
+                   and not (k == "batch_size" and v * int(os.environ.get("WORLD_SIZE", 1)) == global_batch)]
         if changed:  # args.json, and eval.py's grouping of runs, must describe the whole run
             raise BadInput(f"--resume {ckpt}: a resumed run keeps the settings that define it; these differ from "
                            f"its args.json: {', '.join(changed)} (start a new run to change them)")
@@ -1776,8 +1791,8 @@ def main(argv=None):
         with one_run_at_a_time(args.output_dir):
             train(args)
     except (BadInput, Stopped) as e:
-        if rank() == 0:  # under torchrun every rank finds the same problem
-            print(f"error: {e}", file=sys.stderr)
+        if rank() == 0 or os.environ.get("LOCAL_RANK") == "0":  # one line per machine: a machine's own disk or cache
+            print(f"error: {f'rank {rank()}: ' if rank() else ''}{e}", file=sys.stderr)  # may fail alone
         sys.exit(2 if isinstance(e, BadInput) else 1)
     except RuntimeError as e:
         where = f": {where_it_stopped(args.output_dir)}" if args else ""

@@ -190,8 +190,8 @@ def build(cache_dir, templates, seed=0, steps=None, verbose=True):
         except OSError:
             print(f"another process is building {root}: waiting for it", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if cached(root, paths, verbose):
-                return paths
+        if cached(root, paths, verbose=False):  # built by another process since the first look
+            return paths
         return build_into(root, paths, cache_dir, templates, seed, steps, verbose)
 
 

@@ -231,18 +231,26 @@ UNICODE_MATH = {"\u2212": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u03c0
 
 def latex_of(answer):
     """A gold answer with the unicode math a grader does not read written as LaTeX: vulgar fractions (\u00bd ->
-    \\frac{1}{2}), square roots (\u221a2 -> \\sqrt{2}), superscript digits, and the signs of UNICODE_MATH."""
+    \\frac{1}{2}), square roots (\u221a2 -> \\sqrt{2}), superscript digits (x\u00b2 -> x^{2}), and the signs of
+    UNICODE_MATH. An answer in plain ASCII is returned as it is."""
     import unicodedata
-    out = []
-    for ch in answer:
-        if unicodedata.name(ch, "").startswith("VULGAR FRACTION"):  # NFKC: 1/2 with a fraction slash
+    if answer.isascii():
+        return answer
+    out, sup = [], ""
+    for ch in answer + " ":  # (a space at the end closes a run of superscripts)
+        name = unicodedata.name(ch, "")
+        if name.startswith("SUPERSCRIPT") and unicodedata.normalize("NFKC", ch).isdigit():
+            sup += unicodedata.normalize("NFKC", ch)
+            continue
+        if sup:
+            out.append(f"^{{{sup}}}")
+            sup = ""
+        if name.startswith("VULGAR FRACTION"):  # NFKC: 1/2 with a fraction slash
             num, den = unicodedata.normalize("NFKC", ch).split("\u2044")
             out.append(f"{'+' if out and out[-1][-1:].isdigit() else ''}\\frac{{{num or 1}}}{{{den}}}")
-        elif unicodedata.name(ch, "").startswith("SUPERSCRIPT") and unicodedata.normalize("NFKC", ch).isdigit():
-            out.append(f"^{{{unicodedata.normalize('NFKC', ch)}}}")
         else:
             out.append(UNICODE_MATH.get(ch, ch))
-    text = re.sub(r"\}\^\{", "", "".join(out))  # x^{1}^{2} -> x^{12}
+    text = "".join(out)
     return re.sub(r"\u221a\s*(\d+(?:\.\d+)?|\w|\([^()]*\))", lambda m: f"\\sqrt{{{m.group(1).strip('()')}}}", text).strip()
 
 

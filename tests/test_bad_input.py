@@ -10,6 +10,7 @@ import pytest
 
 import codistill_grpo as cg
 import eval as ev
+import trainer_io
 from conftest import HERE, exit_2, snapshot, tiny_argv
 
 
@@ -212,6 +213,9 @@ def test_a_problem_twice_with_different_answers_and_unicode_answers_are_said(tmp
     assert cg.accuracy_reward("\\boxed{\\frac{1}{2}}", rows[2]["answer"], "boxed") == 1.0
     assert cg.accuracy_reward("\\boxed{0.5}", rows[2]["answer"], "boxed") == 1.0
     assert "1 answer(s) hold characters the grader may not read (e.g. 'caf\u00e9')" in out
+    for latex in ["x_{1}^{2}+x_{2}^{2}", "\\mathbf{A}^{-1}", "\\sqrt{2}^{3}", "\\frac{1}{2}^{n}"]:  # plain LaTeX stays
+        assert trainer_io.latex_of(latex) == latex
+    assert trainer_io.latex_of("x\u00b2\u00b3 + \u2153") == "x^{23} + \\frac{1}{3}"
 
 
 def test_held_out_problems_written_with_other_whitespace_are_never_trained_on(world, tmp_path, capsys, no_models):

@@ -184,6 +184,11 @@ def test_a_resume_with_another_number_of_processes_keeps_the_global_batch_and_th
     assert row0["small/test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1e-12)
     p = torchrun("codistill_grpo.py", "--output_dir", str(split), "--resume", "--max_steps", "5", nproc=3)
     assert p.returncode != 0 and "3 processes cannot share equally" in p.stderr
+    # the first command line again (as torchrun's restarts and --resume auto give it): B = 1 on 2 processes is
+    # the run's global batch of 2, so it is no changed setting
+    p = torchrun("codistill_grpo.py", *tiny_argv(world, split, *flags, "--max_steps", "5", "--resume", "auto"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [json.loads(l)["processes"] for l in open(split / "resumes.jsonl")] == [[2, 1], [1, 2]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,6 +336,26 @@ def test_a_full_disk_while_saving_under_fsdp_stops_every_rank_with_one_line(base
     assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-1"]
 
 
+def test_ranks_with_different_metrics_reduce_the_same_keys(tmp_path):
+    """A metric one rank lacks (digits right, when its answers hold no integer) is averaged over the ranks that have
+    it, and every rank reduces every key: no collective of other lengths on the ranks."""
+    p = torchrun(__file__, "reduce-worker", str(tmp_path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for r in range(2):
+        got = json.load(open(tmp_path / f"rank{r}.json"))
+        assert got == {"iteration": 3, "a": 2.0, "only_on_rank_0": 5.0, "time/step": 4.0, "tokens_per_s": 30.0}
+
+
+def reduce_worker(out):
+    """Run under torchrun by the test above: rank 0 has a metric rank 1 lacks."""
+    cg.setup_distributed()
+    R = cg.rank()
+    metrics = dict(iteration=3, a=1.0 + 2 * R, **({} if R else {"only_on_rank_0": 5.0}), **{"time/step": 3.0 + R},
+                   tokens_per_s=10.0 + 10 * R)
+    json.dump(cg.reduce_metrics(metrics), open(os.path.join(out, f"rank{R}.json"), "w"))
+    torch.distributed.destroy_process_group()
+
+
 def failing_save(*argv):
     """Run under torchrun by the test above: the trainer, with rank 0's disk full when it writes checkpoint-2."""
     real = torch.save
@@ -347,3 +372,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["distributed-worker"]:  # starte
     distributed_worker(*sys.argv[2:])
 if __name__ == "__main__" and sys.argv[1:2] == ["failing-save"]:
     failing_save(*sys.argv[2:])
+if __name__ == "__main__" and sys.argv[1:2] == ["reduce-worker"]:
+    reduce_worker(sys.argv[2])
