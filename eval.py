@@ -114,12 +114,15 @@ def setting(flag, key, recorded, toy_only):
 
 
 def label_of(args):
-    """'codistill (alpha=1, T=0)', 'grpo (policy=small)', ... from a run's arguments; '' when there are none."""
+    """'codistill (alpha=1, T=0)', 'codistill (alpha=1, T=0, kd_form=token)', 'grpo (policy=small)', ... from a run's
+    arguments; '' when there are none."""
     if "algo" not in args:
         return ""
     if args["algo"] == "grpo":
         return f"grpo (policy={args.get('policy', 'small')})"
-    return f"{args['algo']} (alpha={args.get('alpha', 1.0):g}, T={args.get('hint_tokens', 0)})"
+    form = args.get("kd_form", "reward")
+    return f"{args['algo']} (alpha={args.get('alpha', 1.0):g}, T={args.get('hint_tokens', 0)}" + \
+        ("" if form == "reward" else f", kd_form={form}") + ")"
 
 
 def score_model(model, tokenizer, rows, s, seed):

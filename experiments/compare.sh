@@ -43,6 +43,6 @@ for s in $SEEDS; do  # CT (Sec. 4.2): GRPO on the large model from CoDistill's l
 done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"
 for s in $SEEDS; do  # GRPO on the large model given CT's 20 iterations more: both arms end after 120 large-model
   d=$R/grpo-large-120/$s  # updates (a copy of grpo-large, resumed)
-  [ -d $d ] || cp -r $R/grpo-large/$s $d
+  [ -d $d ] || { mkdir -p $R/grpo-large-120 && cp -r $R/grpo-large/$s $d; }
   echo "python codistill_grpo.py --resume $d --max_steps 120"
 done | xargs -P 2 -I{} sh -c "{} > /dev/null 2>&1 || echo failed: {}"
