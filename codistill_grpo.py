@@ -806,11 +806,11 @@ def optimizer_step(module, opt, sched, args):
 
 
 @contextmanager
-def timer(metrics, phase):
-    """Adds the seconds spent inside the block to metrics['time/<phase>']."""
+def timer(times, phase):
+    """Adds the seconds spent inside the block to times[phase]."""
     t = time.perf_counter()
     yield
-    metrics[f"time/{phase}"] = metrics.get(f"time/{phase}", 0.0) + time.perf_counter() - t
+    times[phase] = times.get(phase, 0.0) + time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,11 @@ def test_two_iterations_of_each_algo(based, tmp_path, algo, extra, changed, froz
         assert not torch.allclose(flat_params(ckpt / n), flat_params(start[n])), f"{n} did not change"
     for n in frozen:
         assert not (ckpt / n).exists()  # kdrl's large model is an input, not an output
+    timed = ["generate", "reward", "update_small" if algo != "grpo" or extra[1] == "small" else "update_large"]
+    for r in rows[1:]:  # each phase the iteration went through took time, and together no more than the step
+        assert all(r[f"time/{p}"] > 0 for p in timed + ["score"] * (algo != "grpo")), r
+        assert sum(r[f"time/{p}"] for p in ["generate", "reward", "score", "update_small", "update_large"]) <= \
+            r["time/step"]
     if algo == "kdrl":
         assert rows[2]["time/update_large"] == 0.0
 
