@@ -143,6 +143,7 @@ def expected_reward(model_dir, rows, n=256):
     return statistics.mean(cg.grade_batch(texts, [r["answer"] for r in rows for _ in range(n)], "boxed")())
 
 
+@pytest.mark.slow
 def test_a_short_tiny_run_raises_the_small_models_reward(based, tmp_path):
     """The learning signal has the right sign: 24 CoDistill iterations on the two problems the `based` small model
     half knows, with a large model that knows them, raise the small model's expected reward (seed fixed; measured
@@ -155,6 +156,7 @@ def test_a_short_tiny_run_raises_the_small_models_reward(based, tmp_path):
     assert after > before + 0.02, (before, after)
 
 
+@pytest.mark.slow
 def test_hints_last_for_their_share_of_the_planned_run(based, tmp_path, capsys):
     """Hints (T > 0) in the first --hint_share of the iterations: by default 1/8, the paper's first epoch of 8. The
     run says which iterations those are, and how long an epoch is (with --max_steps, a share is no epoch)."""

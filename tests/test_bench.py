@@ -33,6 +33,7 @@ def test_bench_keeps_to_its_cache_and_names_bad_models(tmp_path, capsys):
     assert os.listdir(tmp_path / "c") and all(d.startswith(("tiny-", "bench-pair")) for d in os.listdir(tmp_path / "c"))
 
 
+@pytest.mark.slow
 def test_bench_runs_and_writes_its_figures(world, tmp_path):
     import bench
     bench.main(["--lengths", "4", "--iterations", "1", "--batch_size", "2", "--logprob_seqs", "2", "--logprob_len",

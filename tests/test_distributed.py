@@ -47,6 +47,7 @@ def test_every_prompt_of_an_epoch_goes_to_exactly_one_rank():
     assert cg.batch_indices(n, B, 5, n // (B * W) + 1, rank=1, world=W)[0] == 1  # then the next epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_torchrun_two_processes_run_codistill(based, tmp_path, fsdp):
     out = tmp_path / "run"
@@ -106,6 +107,7 @@ def fixed_batch(tok, model):
 FP32, BF16 = (1e-6, 1e-5, 1e-5), (1e-5, 1e-4, 5e-4)  # loss (absolute), grad norm (relative), weights (absolute)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, dtype, tolerance", [("ddp", "float32", FP32), ("fsdp", "float32", FP32),
                                                     ("ddp", "bfloat16", BF16), ("fsdp", "bfloat16", BF16)])
 def test_two_processes_make_the_one_process_step(based, tmp_path, mode, dtype, tolerance):
@@ -145,6 +147,7 @@ def test_two_processes_make_the_one_process_step(based, tmp_path, mode, dtype, t
     assert all(isinstance(k, str) for k in state["optimizers"]["small"]["param_groups"][0]["params"])
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumes_in_one_process(based, tmp_path):
     out = tmp_path / "run"
     p = torchrun("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--fsdp", "--max_steps", "1"))
@@ -251,6 +254,7 @@ def test_ranks_started_with_different_flags_stop_before_any_work(world, tmp_path
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_process_group_that_cannot_form_says_why_at_once(world, tmp_path):
     """A port already taken: the rank stops within seconds and names the cause, not a timeout it never waited."""
     import socket
@@ -336,6 +340,7 @@ def test_a_full_disk_while_saving_under_fsdp_stops_every_rank_with_one_line(base
     assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-1"]
 
 
+@pytest.mark.slow
 def test_ranks_with_different_metrics_reduce_the_same_keys(tmp_path):
     """A metric one rank lacks (digits right, when its answers hold no integer) is averaged over the ranks that have
     it, and every rank reduces every key: no collective of other lengths on the ranks."""

@@ -30,6 +30,7 @@ def test_each_script_starts(script):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_the_record_scripts_read_a_real_run(based, tmp_path):
     """paired.py, one_iteration.py, kd_signal.py, measure.py and skills.py on two seeds of a short real comparison (the `based`
     models, which write answers, on the world's problems)."""

@@ -53,6 +53,7 @@ def test_resume_gives_the_same_weights_and_rows_as_a_straight_run(based, tmp_pat
         rows_without_timings(tmp_path / "straight" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resume_uses_it(based, tmp_path):
     out = tmp_path / "run"
     argv = based_argv(based, out, "--max_steps", "3", "--save_every", "1", "--eval_size", "0")
@@ -249,6 +250,7 @@ def last_line_after(p, err, sig):
     return p.returncode, text, lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
 def test_ctrl_c_and_sigterm_print_one_line(world, tmp_path, sig, code, word):
     """Ctrl-C, and SIGTERM (what schedulers send), end a run with one line: where it stopped, what to resume from."""
@@ -261,6 +263,7 @@ def test_ctrl_c_and_sigterm_print_one_line(world, tmp_path, sig, code, word):
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_killed_trainer_leaves_a_quiet_grader_and_resumes(world, tmp_path):
     """SIGKILL: no line can be printed, but the grading worker ends quietly with its trainer, and --resume takes the
     newest complete checkpoint."""
@@ -276,6 +279,7 @@ def test_a_killed_trainer_leaves_a_quiet_grader_and_resumes(world, tmp_path):
     assert int(a.resume.rsplit("-", 1)[1]) >= 3
 
 
+@pytest.mark.slow
 def test_resuming_from_an_older_checkpoint_moves_the_newer_ones_aside(world, tmp_path, capsys):
     """A resume from K leaves the folder as if the run had stopped at K: the newer checkpoints and the run's files as
     they were move to superseded-K-<time>/; a later --resume follows the run's own history (`latest`)."""
@@ -325,6 +329,7 @@ def test_prompts_cut_are_in_the_first_row(world, tmp_path):
     assert row["prompts_cut/train"] == 3 and row["prompts_cut/held_out"] == 0
 
 
+@pytest.mark.slow
 def test_the_lr_schedule_is_planned_once_and_a_resume_never_makes_it_jump(world, tmp_path, capsys):
     """A resume with another --max_steps changes where the run stops, not its schedule: the lr goes on as planned
     (constant after warm-up); a cosine run cannot be made longer, as its lr is 0 past its planned end."""

@@ -41,6 +41,7 @@ def test_the_tiny_worlds_problems_have_no_carries_and_its_warm_up_decays_to_zero
     assert lrs[-1] < 1e-3 * 0.01 and lrs == lrs[:2] + sorted(lrs[2:], reverse=True)  # cosine down to ~0
 
 
+@pytest.mark.slow
 def test_the_warm_up_reaches_its_fixed_point_the_spread_targets(world):
     """Soft targets with spread s: at the optimum each answer digit is right with probability 1 - 0.9 s and each
     other digit has s / 10 (the world's base models are built to sit there). One problem, trained to convergence."""
@@ -66,6 +67,7 @@ def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch)
     assert [f for f in os.listdir(tmp_path) if not f.endswith(".lock")] == []  # the lock file of its build stays
 
 
+@pytest.mark.slow
 def test_a_killed_build_is_cleaned_up_and_a_damaged_world_built_again(tmp_path, capsys):
     """SIGKILL leaves a build's temporary folder behind: the next build removes it when its process is gone. A
     cached world with a file missing or cut short is built again, with a line saying so."""
@@ -131,6 +133,7 @@ def test_a_full_or_unwritable_cache_is_named_with_the_room_a_world_needs(tmp_pat
     assert not [f for f in os.listdir(tmp_path / "cache") if not f.endswith(".lock")]
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_world_build_it_once(tmp_path):
     """Two trainers starting at once on an empty cache: one builds the world, the other waits for it and loads it
     whole (each used to build a full copy, and one could remove the world the other was loading)."""
