@@ -2,8 +2,13 @@
 problems, and helpers that run the trainer and read what it wrote. Nothing here compares a run with numbers
 recorded on one machine."""
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline: a hub lookup fails fast, not in 20 s
+# torch.compile's kernel cache is not keyed by the instruction set ATen is told to use: kernels cached by a native run
+# and loaded under ../shared/tools/other-cpu (ATEN_CPU_CAPABILITY=avx2) decoded garbage. One cache per set.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_{os.getuid()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
 import json
 import statistics
