@@ -1073,7 +1073,8 @@ def setup_distributed(timeout_s=Args.dist_timeout):
         handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
         t = time.time()
         try:
-            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                                    **this_attempts_store(timedelta(seconds=timeout_s)))
         except Exception as e:  # the store's timeout and connection errors have several types across versions
             waited = time.time() - t
             why = (f"did not form within {timeout_s:g} s (--dist_timeout)" if waited >= timeout_s else
@@ -1088,6 +1089,25 @@ def setup_distributed(timeout_s=Args.dist_timeout):
         return torch.device("cpu")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def this_attempts_store(timeout):
+    """init_process_group's store for this attempt of a one-node torchrun run, as keyword arguments ({} elsewhere).
+    torchrun keeps one store across its restarts and torch's env:// reads it without a prefix per attempt: a restarted
+    rank found the dead attempt's gloo addresses (nccl's ids) there and the group failed to form ('Connection
+    refused') on every restart. One prefix per attempt; the ranks of one node share their attempt's number. On
+    several nodes the numbers can differ between nodes, so there torchrun's own way out is named instead."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    if os.environ.get("GROUP_WORLD_SIZE") != "1":
+        if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and os.environ.get("RANK") == "0":
+            print("note: torchrun's restarts on several nodes reuse one store, and a restarted group can read the last "
+                  "attempt's addresses and fail to form: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                  file=sys.stderr, flush=True)
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dict(store=dist.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store),
+                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def die_with_the_launcher():

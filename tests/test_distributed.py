@@ -27,6 +27,30 @@ def test_ranks_started_without_torchrun_say_whom_they_wait_for_and_give_up(world
     assert "did not form within 3 s (--dist_timeout)" in p.stderr.strip().splitlines()[-1]
 
 
+def test_each_torchrun_attempt_forms_its_group_under_its_own_prefix(monkeypatch, capsys):
+    """One node: the store's keys of restart k live under 'attempt-k', so a restart never reads the last attempt's
+    addresses. Several nodes (their restart counts can differ): no prefix, and rank 0 names torchrun's switch."""
+    from datetime import timedelta
+    server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = dict(TORCHELASTIC_USE_AGENT_STORE="True", GROUP_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(server.port), TORCHELASTIC_RESTART_COUNT="2", TORCHELASTIC_MAX_RESTARTS="3", RANK="1",
+               WORLD_SIZE="2")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    got = cg.this_attempts_store(timedelta(seconds=5))
+    assert (got["rank"], got["world_size"]) == (1, 2)
+    got["store"].set("rank_0", "address")
+    assert server.check(["attempt-2/rank_0"]) and not server.check(["rank_0"])
+    assert server.get("attempt-2/rank_0") == b"address"
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert cg.this_attempts_store(timedelta(seconds=5)) == {} and capsys.readouterr().err == ""  # rank 1 is silent
+    monkeypatch.setenv("RANK", "0")
+    assert cg.this_attempts_store(timedelta(seconds=5)) == {}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that switch gives: a new store each attempt
+    assert cg.this_attempts_store(timedelta(seconds=5)) == {} and capsys.readouterr().err == ""
+
+
 def torchrun(*argv, nproc=2):
     """Run `torchrun --standalone --nproc_per_node=nproc argv...` -> CompletedProcess (output captured)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)  # this file runs as a worker too
@@ -294,14 +318,15 @@ def test_a_rank_that_hangs_or_dies_is_named_with_the_checkpoint_to_resume_from(b
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank_and_the_run_goes_on_from_its_checkpoint(based, tmp_path):
-    """torchrun --max-restarts 3 with --resume auto: a rank killed mid-run, both workers restart, resume from the
-    newest checkpoint, and the run ends whole. (On gloo a restarted group fails to form now and then, 'Connection
-    refused' from a stale peer: another restart takes it, so the README suggests a few.)"""
+    """torchrun --max-restarts 1 with --resume auto: a rank killed mid-run, both workers restart, resume from the
+    newest checkpoint, and the run ends whole. The first restart must form its group: torchrun keeps one store across
+    restarts, and without a prefix per attempt the restarted ranks read the dead ones' addresses ('Connection
+    refused', on every restart of a CI run with 3)."""
     import signal
     out = tmp_path / "run"
     p, log = launch("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--max_steps", "6",
                                                      "--save_every", "2", "--eval_size", "0", "--resume", "auto"),
-                    extra=["--max-restarts=3", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}"],
+                    extra=["--max-restarts=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}"],
                     log=tmp_path / "run.log")
     wait_for(lambda: (out / "checkpoint-2").exists(), "checkpoint-2")
     os.kill(workers_of(p.pid)[1], signal.SIGKILL)
