@@ -1,6 +1,7 @@
 """torchrun: DDP and FSDP2 with two CPU processes on gloo."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,11 +52,24 @@ def test_each_torchrun_attempt_forms_its_group_under_its_own_prefix(monkeypatch,
     assert cg.this_attempts_store(timedelta(seconds=5)) == {} and capsys.readouterr().err == ""
 
 
-def torchrun(*argv, nproc=2):
-    """Run `torchrun --standalone --nproc_per_node=nproc argv...` -> CompletedProcess (output captured)."""
+ABORTED_IN_GLOO = "terminate called without an active exception"
+
+
+def torchrun(*argv, nproc=2, fresh=None):
+    """Run `torchrun --standalone --nproc_per_node=nproc argv...` -> CompletedProcess (output captured). A run that
+    starts from nothing (fresh: the folder it writes, emptied first) is run once more if a rank aborted inside torch
+    with ABORTED_IN_GLOO (SIGABRT on gloo: 1 in about 170 two-process runs here, once in a CI run; never seen in our
+    code's frames); any other failure is returned as it is."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)  # this file runs as a worker too
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *argv], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    for attempt in range(2 if fresh else 1):
+        if attempt:
+            shutil.rmtree(fresh, ignore_errors=True), os.makedirs(fresh)
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                            *argv], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+        if p.returncode == 0 or ABORTED_IN_GLOO not in p.stdout + p.stderr:
+            break
+        print(f"a rank aborted in gloo ({ABORTED_IN_GLOO}); running it again", file=sys.stderr)
+    return p
 
 
 def test_every_prompt_of_an_epoch_goes_to_exactly_one_rank():
@@ -77,7 +91,7 @@ def test_torchrun_two_processes_run_codistill(based, tmp_path, fsdp):
     out = tmp_path / "run"
     argv = based_argv(based, out, "--batch_size", "1", "--eval_size", "3", "--hint_tokens", "2", "--hint_share", "0.5",
                       *(["--fsdp"] if fsdp else []))  # 2 ranks x 1 prompt: the 2 problems of `based`
-    p = torchrun("codistill_grpo.py", *argv)
+    p = torchrun("codistill_grpo.py", *argv, fresh=out)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]  # one row per iteration: rank 0 writes, once
     assert [r["iteration"] for r in rows] == [0, 1, 2]
@@ -142,7 +156,7 @@ def test_two_processes_make_the_one_process_step(based, tmp_path, mode, dtype, t
     5.2e-4 and 1.9e-3, outside these tolerances."""
     loss_tol, grad_tol, weight_tol = tolerance
     from transformers import AutoModelForCausalLM
-    p = torchrun(__file__, "distributed-worker", mode, based["small"], str(tmp_path), dtype)
+    p = torchrun(__file__, "distributed-worker", mode, based["small"], str(tmp_path), dtype, fresh=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     got = torch.load(tmp_path / "result.pt")
     # the same global batch in one process
@@ -174,7 +188,8 @@ def test_two_processes_make_the_one_process_step(based, tmp_path, mode, dtype, t
 @pytest.mark.slow
 def test_a_two_process_run_resumes_in_one_process(based, tmp_path):
     out = tmp_path / "run"
-    p = torchrun("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--fsdp", "--max_steps", "1"))
+    p = torchrun("codistill_grpo.py", *based_argv(based, out, "--batch_size", "1", "--fsdp", "--max_steps", "1"),
+                 fresh=out)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     cg.main(["--output_dir", str(out), "--resume", "--max_steps", "2"])
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
@@ -191,7 +206,7 @@ def test_a_resume_with_another_number_of_processes_keeps_the_global_batch_and_th
     straight, split = tmp_path / "straight", tmp_path / "split"
     world = based  # the `based` models (they write answers) on the world's 10,000 problems
     for out, steps in [(straight, "4"), (split, "2")]:
-        p = torchrun("codistill_grpo.py", *tiny_argv(world, out, *flags, "--max_steps", steps))
+        p = torchrun("codistill_grpo.py", *tiny_argv(world, out, *flags, "--max_steps", steps), fresh=out)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     cg.main(["--output_dir", str(split), "--resume", "--max_steps", "4"])
     saved = json.load(open(split / "args.json"))
@@ -369,7 +384,7 @@ def test_a_full_disk_while_saving_under_fsdp_stops_every_rank_with_one_line(base
 def test_ranks_with_different_metrics_reduce_the_same_keys(tmp_path):
     """A metric one rank lacks (digits right, when its answers hold no integer) is averaged over the ranks that have
     it, and every rank reduces every key: no collective of other lengths on the ranks."""
-    p = torchrun(__file__, "reduce-worker", str(tmp_path))
+    p = torchrun(__file__, "reduce-worker", str(tmp_path), fresh=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for r in range(2):
         got = json.load(open(tmp_path / f"rank{r}.json"))
