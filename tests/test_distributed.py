@@ -57,9 +57,9 @@ ABORTED_IN_GLOO = "terminate called without an active exception"
 
 def torchrun(*argv, nproc=2, fresh=None):
     """Run `torchrun --standalone --nproc_per_node=nproc argv...` -> CompletedProcess (output captured). A run that
-    starts from nothing (fresh: the folder it writes, emptied first) is run once more if a rank aborted inside torch
-    with ABORTED_IN_GLOO (SIGABRT on gloo: 1 in about 170 two-process runs here, once in a CI run; never seen in our
-    code's frames); any other failure is returned as it is."""
+    starts from nothing (fresh: the folder it writes, emptied before the second run) is run once more if a rank
+    aborted inside torch with ABORTED_IN_GLOO (SIGABRT on gloo: 1 in 170 two-process runs here, once in a CI run;
+    cause not found, see the README's known limits); any other failure is returned as it is."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)  # this file runs as a worker too
     for attempt in range(2 if fresh else 1):
         if attempt:
